@@ -1,0 +1,246 @@
+"""The training data pipeline: webdataset tar shards -> batches of images, captions and hard negatives.
+
+    loader = build_loader(cfg.data, cfg.negatives, preprocess_train, tokenizer, seed=cfg.run.seed)
+    for batch in loader:   # images [B,3,H,W], texts [B,L], negatives [N,L], negative_valid [N], stats {name: count}
+        ...
+
+Shards follow img2dataset's LAION-COCO layout: `{key}.jpg`, `{key}.txt` (alt-text), `{key}.json` (with
+`top_caption`). Shards are drawn with replacement (ResampledShards, deterministic per rank, worker and seed), or
+each shard once per epoch split by node and worker. A corrupt shard or sample is skipped and counted, never fatal:
+the counts ride along with each batch (`batch["stats"]`) so the trainer can sum them into the run's metrics.
+
+Negatives come from `clove_dist.negatives` and depend only on (seed, sample key, epoch). The "epoch" of a sample
+is how many times this worker has drawn its shard before (resampled mode) or the loader epoch (one pass mode), so a
+re-drawn sample gets fresh negatives. When a sidecar of precomputed parses sits next to a shard, it is used and no
+spaCy runs at training time.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+
+from ..config import DataConfig, NegativesConfig
+from ..errors import UserError
+from ..log import log
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_WARNINGS = 5  # per worker; every skip is counted either way
+
+
+class DataError(UserError):
+    """A user mistake about the data: no shards, unreadable pattern."""
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand '::'-separated brace patterns (and globs) into shard paths; DataError if any part matches nothing."""
+    if not pattern.strip():
+        raise DataError("data.train_shards is empty: give a shard pattern such as /data/{00000..00099}.tar")
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        for url in braceexpand.braceexpand(part.strip()):
+            if "://" in url or url.startswith("pipe:"):
+                urls.append(url)
+            elif any(c in url for c in "*?["):
+                urls.extend(sorted(glob.glob(url)))
+            else:
+                urls.append(url)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if not urls or len(missing) == len(urls):
+        raise DataError(f"data.train_shards: {pattern!r} matched no shard files")
+    if missing:
+        raise DataError(f"data.train_shards: {len(missing)} of {len(urls)} shards do not exist "
+                        f"(first: {missing[0]})")
+    return urls
+
+
+class SkipCounter:
+    """Exception handler for webdataset stages: count the failure by kind, warn a few times, continue."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._warned = 0
+
+    def skip(self, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        if self._warned < MAX_WARNINGS:
+            self._warned += 1
+            log(f"WARNING: skipped {kind}: {detail}", all_ranks=True)
+
+    def handler(self, exn: Exception) -> bool:
+        self.skip("corrupt_shard", f"{type(exn).__name__}: {exn}")
+        return True
+
+    def take(self) -> dict[str, int]:
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+def caption_of(sample: dict[str, Any], key: str) -> str:
+    """Caption by key: 'json.<field>' reads a field of the JSON part, anything else a text part by extension."""
+    if key.startswith("json."):
+        raw = sample.get("json")
+        if raw is None:
+            return ""
+        meta = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+        value = meta.get(key[5:]) if isinstance(meta, dict) else None
+        return value.strip() if isinstance(value, str) else ""
+    raw = sample.get(key)
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    return raw.strip() if isinstance(raw, str) else ""
+
+
+class SampleBuilder:
+    """Turns a raw tar sample into (image tensor, caption tokens, negative tokens); picklable for workers."""
+
+    def __init__(self, data_cfg: DataConfig, neg_cfg: NegativesConfig, preprocess: Callable, tokenizer: Callable,
+                 epoch: int = 0) -> None:
+        self.data_cfg = data_cfg
+        self.neg_cfg = neg_cfg
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.epoch = epoch
+        self.resampled = data_cfg.resampled
+        self.skips = SkipCounter()
+        self._generator = None
+        self._sidecar_url: str | None = None
+        self._sidecar: dict[str, Any] | None = None
+        self._draws: Counter[str] = Counter()
+        self._last_neg_stats: dict[str, int] = {}
+
+    @property
+    def generator(self):
+        if self._generator is None and self.neg_cfg.style != "none":
+            from .. import negatives
+            self._generator = negatives.build(self.neg_cfg)
+        return self._generator
+
+    def _parse_for(self, url: str, key: str) -> Any:
+        if not self.neg_cfg.use_sidecar:
+            return None
+        if url != self._sidecar_url:
+            from .. import negatives
+            self._sidecar_url = url
+            path = negatives.sidecar_path(url)
+            self._sidecar = negatives.load_sidecar(path) if os.path.exists(path) else None
+        return self._sidecar.get(key) if self._sidecar else None
+
+    def stamp_epochs(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Before shuffling: mark each sample with its negatives epoch (see the module docstring)."""
+        current = None
+        for sample in src:
+            url = sample.get("__url__", "")
+            if url != current:  # a new shard, or a new draw of the same one, starts
+                current = url
+                self._draws[url] += 1
+            sample["__epoch__"] = self._draws[url] - 1 if self.resampled else self.epoch
+            yield sample
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        key = sample.get("__key__", "?")
+        url = sample.get("__url__", "")
+        image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if image_bytes is None:
+            self.skips.skip("no_image", f"{url}:{key}")
+            return None
+        caption = caption_of(sample, self.data_cfg.caption_key)
+        if not caption and self.data_cfg.fallback_caption_key:
+            caption = caption_of(sample, self.data_cfg.fallback_caption_key)
+        if not caption:
+            self.skips.skip("no_caption", f"{url}:{key}")
+            return None
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as img:
+                image = self.preprocess(img.convert("RGB"))
+        except Exception as e:  # any undecodable image is a skipped sample
+            self.skips.skip("bad_image", f"{url}:{key}: {type(e).__name__}")
+            return None
+        negs: list[str] = []
+        gen = self.generator
+        if gen is not None:
+            parse = self._parse_for(url, key)
+            negs = [n.text for n in gen.generate(caption, key, sample.get("__epoch__", self.epoch), parse=parse)]
+        return {"image": image, "caption": caption, "negatives": negs[: self.neg_cfg.max_per_caption]}
+
+    def map_samples(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            out = self(sample)
+            if out is not None:
+                yield out
+
+    def negative_stats(self) -> dict[str, int]:
+        """The generator's counters since the last call (its own counters are cumulative)."""
+        now = {f"negatives_{k}": int(v) for k, v in dict(getattr(self._generator, "stats", {}) or {}).items()}
+        delta = {k: v - self._last_neg_stats.get(k, 0) for k, v in now.items()}
+        self._last_neg_stats = now
+        return {k: v for k, v in delta.items() if v}
+
+
+class Collate:
+    """Stack a list of built samples into a batch with a fixed number of (possibly invalid) negative rows."""
+
+    def __init__(self, builder: SampleBuilder, tokenizer: Callable, num_negatives: int) -> None:
+        self.builder = builder
+        self.tokenizer = tokenizer
+        self.num_negatives = num_negatives
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        images = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
+        texts = self.tokenizer([s["caption"] for s in samples])  # (B, L)
+        neg_texts = [t for s in samples for t in s["negatives"]][: self.num_negatives]
+        context = texts.shape[1]
+        negatives = torch.zeros(self.num_negatives, context, dtype=texts.dtype)  # (N, L), padded rows invalid
+        valid = torch.zeros(self.num_negatives, dtype=torch.bool)
+        if neg_texts:
+            negatives[: len(neg_texts)] = self.tokenizer(neg_texts)
+            valid[: len(neg_texts)] = True
+        stats = self.builder.skips.take()
+        stats.update(self.builder.negative_stats())
+        return {"images": images, "texts": texts, "negatives": negatives, "negative_valid": valid,
+                "stats": stats, "num_samples": len(samples)}
+
+
+def num_negative_rows(data_cfg: DataConfig, neg_cfg: NegativesConfig) -> int:
+    if neg_cfg.style == "none":
+        return 0
+    return data_cfg.max_negatives_per_batch or data_cfg.batch_size * neg_cfg.max_per_caption
+
+
+def build_dataset(data_cfg: DataConfig, neg_cfg: NegativesConfig, preprocess: Callable, tokenizer: Callable, *,
+                  seed: int = 0, epoch: int = 0) -> wds.DataPipeline:
+    """The webdataset pipeline, yielding finished batches (it batches inside the workers)."""
+    urls = expand_shards(data_cfg.train_shards)
+    builder = SampleBuilder(data_cfg, neg_cfg, preprocess, tokenizer, epoch=epoch)
+    stages: list[Any]
+    if data_cfg.resampled:
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    stages += [
+        wds.tarfile_to_samples(handler=builder.skips.handler),
+        builder.stamp_epochs,
+        wds.shuffle(data_cfg.shuffle_buffer, initial=min(data_cfg.shuffle_buffer, 1000), seed=seed + epoch),
+        builder.map_samples,
+        wds.batched(data_cfg.batch_size, collation_fn=Collate(builder, tokenizer,
+                                                               num_negative_rows(data_cfg, neg_cfg)), partial=False),
+    ]
+    return wds.DataPipeline(*stages)
+
+
+def build_loader(data_cfg: DataConfig, neg_cfg: NegativesConfig, preprocess: Callable, tokenizer: Callable, *,
+                 seed: int = 0, epoch: int = 0) -> torch.utils.data.DataLoader:
+    dataset = build_dataset(data_cfg, neg_cfg, preprocess, tokenizer, seed=seed, epoch=epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=data_cfg.num_workers,
+                                       persistent_workers=False,
+                                       prefetch_factor=2 if data_cfg.num_workers > 0 else None)

@@ -1,0 +1,126 @@
+"""Process environment: SLURM (srun), torchrun, or a single process with no launcher at all.
+
+    srun python -m clove_dist.train --config ...        # SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID
+    torchrun --nproc_per_node 2 -m clove_dist.train ... # RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*
+    clove-dist train --config configs/debug.yaml        # single process: nothing to set
+
+`setup()` fills the variables DeepSpeed expects (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; without
+them `deepspeed.init_distributed` tries MPI and fails) and initialises the process group itself before DeepSpeed
+sees it: nccl on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # slurm | torchrun | single
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodelist:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "127.0.0.1"
+
+
+def detect() -> tuple[int, int, int, str, int, str]:
+    """(rank, world_size, local_rank, master_addr, master_port, launcher) from the environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                env.get("MASTER_ADDR") or _slurm_master_addr(),
+                int(env.get("MASTER_PORT") or 29500 + job % 1000), "slurm")
+    return 0, 1, 0, "127.0.0.1", _free_port(), "single"
+
+
+def pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device: 'cuda' was asked for but CUDA is not available on this machine")
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
+    """Initialise the process group for whatever launcher started us; idempotent."""
+    rank, world, local_rank, addr, port, launcher = detect()
+    dev = pick_device(device, local_rank)
+    if dev.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError("distributed.backend: nccl needs CUDA; use gloo (or auto) on CPU")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR=addr, MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(rank, world, local_rank, addr, port, launcher, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks (metrics); a no-op in a single process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def merge_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Sum named counters over ranks; ranks may know different names."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(counts)
+    parts: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, dict(counts))
+    total: dict[str, int] = {}
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + int(v)
+    return dict(sorted(total.items()))
