@@ -52,9 +52,11 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return f"triton import failed: {type(e).__name__}: {e}"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and contrastive.INTERPRETED:
-        return None
     if device.type == "cpu":
+        # The interpreter needs the variable both when the kernels were defined and while they run.
+        import triton
+        if contrastive.INTERPRETED and triton.knobs.runtime.interpret:
+            return None
         return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
     return f"device {device} is not supported"
 
