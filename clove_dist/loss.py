@@ -123,7 +123,9 @@ class ContrastiveLoss(nn.Module):
         batch = image_features.shape[0]
         if not isinstance(logit_scale, torch.Tensor):
             logit_scale = torch.tensor(float(logit_scale), device=device)
-        scale = logit_scale.reshape(()).float().exp().clamp(max=self.max_logit_scale)
+        # exp in fp32 at least: a bf16 logit_scale (mixed-precision engines) would otherwise round s by ~0.4%.
+        scale_dtype = torch.float64 if logit_scale.dtype == torch.float64 else torch.float32
+        scale = logit_scale.reshape(()).to(scale_dtype).exp().clamp(max=self.max_logit_scale)
         if negative_features is not None:
             negative_features = negative_features.to(dtype)
             if negative_mask is None:
