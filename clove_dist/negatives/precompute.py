@@ -1,0 +1,236 @@
+"""`clove-dist negatives`: parse every caption of a set of shards once, and write a sidecar next to each shard.
+
+    clove-dist negatives --shards '/data/{00000..00999}.tar' --workers 8
+    clove-dist negatives --shards '/data/*.tar' --out /scratch/negparse --config configs/clove_vit_b32.yaml
+
+The parse (spaCy, about 1-3 ms a caption) is the expensive part of a negative and does not change between epochs;
+with sidecars the training data pipeline runs no spaCy and still draws fresh negatives each epoch. Shards are
+webdataset tars in img2dataset's LAION-COCO layout ({key}.jpg, {key}.txt, {key}.json with `top_caption`); the
+caption is read as the pipeline reads it (`--caption-key`, then `--fallback-caption-key`, stripped).
+
+Workers take whole shards. Finished shards (a complete sidecar exists) are skipped; an interrupted shard resumes
+after the last flushed batch (see sidecar.py). `--out DIR` puts the sidecars in DIR, which training then needs as
+`negatives.sidecar_dir`. Samples without a caption are counted and left out, as the pipeline skips them.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import glob
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+from collections import Counter
+from typing import Any, Iterator
+
+from ..config import ConfigError, NegativesConfig, load_config
+from ..errors import UserError, entry_point
+from ..log import log
+from .lexicon import Lexicon
+from .parse import SceneParser
+from .sidecar import SidecarWriter, header, load_sidecar, sidecar_path
+
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split of a member name into key and extension
+_PARSERS: dict[tuple[str, int, str, int], SceneParser] = {}
+
+
+class ShardError(UserError):
+    """The shard pattern matches nothing, or names files that are missing."""
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """'::'-separated brace patterns and globs -> existing shard paths, in order, without repeats."""
+    import braceexpand
+    if not pattern.strip():
+        raise ShardError("--shards is empty: give a pattern such as /data/{00000..00099}.tar")
+    paths: list[str] = []
+    for part in pattern.split("::"):
+        for item in braceexpand.braceexpand(part.strip()):
+            if any(c in item for c in "*?["):
+                paths.extend(sorted(glob.glob(item)))
+            else:
+                paths.append(item)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        first = f" (first missing: {missing[0]})" if missing else ""
+        raise ShardError(f"--shards {pattern!r}: {len(missing)} of {len(paths)} shard files do not exist{first}"
+                         if paths else f"--shards {pattern!r} matched no shard files")
+    return list(dict.fromkeys(paths))
+
+
+def caption_from(parts: dict[str, bytes], key: str) -> str:
+    """The caption by key, as the data pipeline reads it: 'json.<field>' or a text part by extension."""
+    if key.startswith("json."):
+        raw = parts.get("json")
+        if raw is None:
+            return ""
+        meta = json.loads(raw)  # ValueError on a broken file: the caller counts it
+        value = meta.get(key[5:]) if isinstance(meta, dict) else None
+        return value.strip() if isinstance(value, str) else ""
+    raw = parts.get(key)
+    return raw.decode("utf-8", errors="replace").strip() if raw is not None else ""
+
+
+def iter_samples(path: str, wanted: set[str], counts: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a tar, reading only the wanted extensions; stops at corruption."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                m = _MEMBER.match(member.name)
+                if not member.isfile() or m is None or os.path.basename(member.name).startswith("__"):
+                    continue
+                k, ext = m.group(1), m.group(2).lower()
+                if k != key:
+                    if key is not None:
+                        yield key, parts
+                    key, parts = k, {}
+                if ext in wanted:
+                    f = tar.extractfile(member)
+                    parts[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as e:
+        counts["num_corrupt_shards"] += 1
+        log(f"WARNING: {path}: {type(e).__name__}: {e}; keeping the samples read before it", all_ranks=True)
+    if key is not None:
+        yield key, parts
+
+
+def _parser(settings: dict[str, Any]) -> SceneParser:
+    ident = (settings["spacy_model"], settings["max_caption_chars"], settings["wordnet_path"],
+             settings["batch_size"])
+    if ident not in _PARSERS:
+        _PARSERS[ident] = SceneParser(ident[0], ident[1], Lexicon(ident[2]), batch_size=ident[3])
+    return _PARSERS[ident]
+
+
+def process_shard(shard: str, out_path: str, settings: dict[str, Any]) -> dict[str, int]:
+    """Parse one shard into its sidecar (resuming a partial one); returns counts."""
+    counts: Counter = Counter()
+    parser = _parser(settings)
+    head = header(shard, caption_key=settings["caption_key"], fallback_caption_key=settings["fallback_caption_key"],
+                  max_caption_chars=settings["max_caption_chars"], spacy_model=settings["spacy_model"])
+    writer = SidecarWriter(out_path, head)
+    counts["num_resumed"] += len(writer.done)
+    wanted = {"json" if k.startswith("json.") else k
+              for k in (settings["caption_key"], settings["fallback_caption_key"]) if k}
+    keys: list[str] = []
+    seen: set[str] = set()
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        for (k, _), parse in zip(batch, parser.parse_many([c for _, c in batch])):
+            writer.add(k, parse)
+            counts[f"num_{parse.status}"] += 1
+        writer.flush()
+        batch.clear()
+
+    try:
+        for key, parts in iter_samples(shard, wanted, counts):
+            try:
+                caption = caption_from(parts, settings["caption_key"])
+            except ValueError:
+                counts["num_bad_json"] += 1
+                caption = ""
+            if not caption and settings["fallback_caption_key"]:
+                try:
+                    caption = caption_from(parts, settings["fallback_caption_key"])
+                except ValueError:
+                    caption = ""
+            if not caption:
+                counts["num_no_caption"] += 1
+                continue
+            if key in seen:
+                counts["num_duplicate_keys"] += 1  # the first sample with this key keeps the sidecar entry
+                continue
+            seen.add(key)
+            keys.append(key)
+            counts["num_samples"] += 1
+            if key not in writer.done:
+                batch.append((key, caption))
+                if len(batch) >= settings["batch_size"]:
+                    flush()
+        if batch:
+            flush()
+        writer.finish(keys)
+    finally:
+        writer.close()
+    counts["num_shards_done"] += 1
+    return dict(counts)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    neg, caption_key, fallback = NegativesConfig(), "json.top_caption", "txt"
+    if args.config:
+        cfg = load_config(args.config)
+        neg, caption_key, fallback = cfg.negatives, cfg.data.caption_key, cfg.data.fallback_caption_key
+    settings = {
+        "caption_key": args.caption_key if args.caption_key is not None else caption_key,
+        "fallback_caption_key": args.fallback_caption_key if args.fallback_caption_key is not None else fallback,
+        "max_caption_chars": args.max_caption_chars if args.max_caption_chars is not None else neg.max_caption_chars,
+        "spacy_model": args.spacy_model or neg.spacy_model,
+        "wordnet_path": args.wordnet_path if args.wordnet_path is not None else neg.wordnet_path,
+        "batch_size": args.batch_size,
+    }
+    if not settings["caption_key"]:
+        raise ConfigError("--caption-key: must not be empty (e.g. json.top_caption or txt)")
+    if settings["max_caption_chars"] < 0:
+        raise ConfigError(f"--max-caption-chars: {settings['max_caption_chars']!r} must be >= 0")
+    if args.batch_size < 1 or args.workers < 1:
+        raise ConfigError(f"--batch-size {args.batch_size!r} and --workers {args.workers!r} must be >= 1")
+    return settings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clove-dist negatives", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, help="shard pattern(s): brace-expanded, globs, several joined by ::")
+    p.add_argument("--out", default="", help="directory for the sidecars (default: next to each shard)")
+    p.add_argument("--workers", type=int, default=1, help="processes, each parsing whole shards")
+    p.add_argument("--config", default="", help="take caption keys and negatives settings from this run config")
+    p.add_argument("--caption-key", default=None, help="json.<field> or an extension (default json.top_caption)")
+    p.add_argument("--fallback-caption-key", default=None, help="used when the caption is missing (default txt)")
+    p.add_argument("--max-caption-chars", type=int, default=None, help="captions are cut here before parsing")
+    p.add_argument("--spacy-model", default="", help="spaCy pipeline (default en_core_web_sm)")
+    p.add_argument("--wordnet-path", default=None, help="WordNet dict directory (for the language check)")
+    p.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch and per flush")
+    p.add_argument("--force", action="store_true", help="redo shards whose sidecar is already complete")
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = _settings(args)
+    shards = expand_shards(args.shards)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    jobs, totals = [], Counter()
+    for shard in shards:
+        out_path = sidecar_path(shard, args.out)
+        if not args.force and load_sidecar(out_path) is not None:
+            totals["num_shards_skipped"] += 1
+        else:
+            jobs.append((shard, out_path))
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), unit="shard", desc="negatives", file=sys.stderr, disable=not jobs)
+    workers = min(args.workers, len(jobs))
+    if workers <= 1:
+        for shard, out_path in jobs:
+            totals.update(process_shard(shard, out_path, settings))
+            bar.update(1)
+            bar.set_postfix(captions=totals["num_samples"])
+    else:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked spaCy/torch state
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(process_shard, shard, out_path, settings) for shard, out_path in jobs]
+            for fut in cf.as_completed(futures):
+                totals.update(fut.result())
+                bar.update(1)
+                bar.set_postfix(captions=totals["num_samples"])
+    bar.close()
+    summary = ", ".join(f"{k[4:]} {v}" for k, v in sorted(totals.items()))
+    log(f"negatives: {len(shards)} shards ({summary or 'nothing to do'})")
+    return 0
