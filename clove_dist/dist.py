@@ -10,6 +10,7 @@ sees it: nccl on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -91,6 +92,9 @@ def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 device_id=dev if dev.type == "cuda" else None)
+        # One process group for the life of the process: DeepSpeed caches groups of it, so a second training run
+        # in the same process (the demo, tests) must find the same one.
+        atexit.register(teardown)
     return DistEnv(rank, world, local_rank, addr, port, launcher, dev)
 
 

@@ -13,6 +13,7 @@ DeepSpeed cannot handle 0-dim parameters (open_clip's logit_scale): `make_deepsp
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -58,11 +59,25 @@ def _check_pretrained(pretrained: str, name: str) -> None:
                          f"(tags: {', '.join(tags) or 'none'})")
 
 
-def _describe_mismatch(err: RuntimeError, path: str, name: str) -> str:
-    text = str(err)
-    first = next((ln.strip() for ln in text.splitlines() if "size mismatch" in ln or "Missing key" in ln
-                  or "Unexpected key" in ln), text.splitlines()[0] if text else "")
-    return f"model.pretrained: {path} does not hold weights of {name}: {first[:300]}"
+def _diagnose(path: str, name: str, err: Exception) -> str:
+    """One line saying why open_clip could not load `path` into architecture `name`."""
+    from .patching import PatchError, TensorSource
+    try:
+        source = TensorSource(path)
+    except PatchError:
+        return f"model.pretrained: cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    expected = {k: tuple(v.shape) for k, v in open_clip.create_model(name, device="meta").state_dict().items()}
+    for key, shape in expected.items():
+        if key not in source:
+            return f"model.pretrained: {path} does not hold weights of {name}: no tensor {key}"
+        got = source.shape_dtype(key)[0]
+        if got != shape and not (math.prod(got) == 1 and math.prod(shape) == 1):
+            return (f"model.pretrained: {path} does not hold weights of {name}: {key} has shape {list(got)}, "
+                    f"{name} expects {list(shape)}")
+    extra = [k for k in source if k not in expected]
+    if extra:
+        return f"model.pretrained: {path} does not hold weights of {name}: unexpected tensor {extra[0]}"
+    return f"model.pretrained: cannot load {path} into {name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
 def create(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable, Callable]:
@@ -72,17 +87,12 @@ def create(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Mod
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             cfg.name, pretrained=cfg.pretrained or None, precision=cfg.precision_init, device=device)
-    except RuntimeError as e:
+    except Exception as e:  # a file of another model, a corrupt file, or a tag that cannot be downloaded
         if cfg.pretrained and os.path.isfile(cfg.pretrained):
-            raise ModelError(_describe_mismatch(e, cfg.pretrained, cfg.name)) from None
-        if "download" in str(e).lower():
+            raise ModelError(_diagnose(cfg.pretrained, cfg.name, e)) from None
+        if isinstance(e, RuntimeError) and "download" in str(e).lower():
             raise ModelError(f"model.pretrained: could not fetch {cfg.pretrained!r} for {cfg.name} (no model hub "
                              f"reachable?); download the weights elsewhere and pass a local file path") from None
-        raise
-    except Exception as e:  # unreadable file: safetensors / pickle errors of many kinds
-        if cfg.pretrained and os.path.isfile(cfg.pretrained):
-            raise ModelError(f"model.pretrained: cannot read {cfg.pretrained}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
         raise
     tokenizer = open_clip.get_tokenizer(cfg.name)
     return model, preprocess_train, preprocess_val, tokenizer

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,21 @@ def export(cfg: Config, run_dir: Path, state: dict[str, torch.Tensor]) -> list[P
     return written
 
 
+def write_run_config(cfg: Config, run_dir: Path, resumed_tag: str | None) -> None:
+    """config.yaml for a new run; a resumed run whose config changed keeps the old one and adds config.<tag>.yaml."""
+    path = run_dir / "config.yaml"
+    if resumed_tag and path.is_file():
+        previous = path.read_text()
+        save_config(cfg, run_dir / "config.tmp.yaml")
+        current = (run_dir / "config.tmp.yaml").read_text()
+        if current == previous:
+            (run_dir / "config.tmp.yaml").unlink()
+        else:
+            os.replace(run_dir / "config.tmp.yaml", run_dir / f"config.{resumed_tag}.yaml")
+        return
+    save_config(cfg, path)
+
+
 def _move(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return (batch["images"].to(device, dtype, non_blocking=True), batch["texts"].to(device, non_blocking=True),
             batch["negatives"].to(device, non_blocking=True), batch["negative_valid"].to(device, non_blocking=True))
@@ -208,16 +224,18 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) training as configured; returns a summary (steps, last loss, export paths) on every rank."""
     env = cdist.setup(cfg.run.device, cfg.distributed.backend)
     import deepspeed  # after setup(): DS_ACCELERATOR must be set before DeepSpeed picks its accelerator
-    from .data.pipeline import build_loader
+    # DeepSpeed 0.19 calls collectives that torch 2.14 deprecates, once per call: say it once, not every step.
+    warnings.filterwarnings("once", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    from .data.pipeline import build_loader, expand_shards
 
+    expand_shards(cfg.data.train_shards)  # user mistakes surface before anything is written
+    torch.manual_seed(cfg.run.seed)
+    clip, preprocess_train, _, tokenizer = cmodel.create(cfg.model)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last)
     if env.is_main:
         ckpt.directory.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.run.seed)
-
-    clip, preprocess_train, _, tokenizer = cmodel.create(cfg.model)
+        write_run_config(cfg, run_dir, ckpt.latest())
     original_shapes = cmodel.make_deepspeed_safe(clip)
     step_module = TrainStep(clip, ContrastiveLoss(cfg.loss.impl, cfg.loss.max_logit_scale, cfg.loss.chunk_size))
     global_batch = cfg.data.batch_size * env.world_size
@@ -261,6 +279,7 @@ def train(cfg: Config) -> dict[str, Any]:
             continue
         for k, v in batch["stats"].items():
             skipped[k] = skipped.get(k, 0) + v
+        lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
         loss, scale = engine(*_move(batch, env.device, dtype))
         engine.backward(loss)
         engine.step()
@@ -276,7 +295,7 @@ def train(cfg: Config) -> dict[str, Any]:
             counts = cdist.merge_counts(skipped)
             now = time.perf_counter()
             record = {"step": step, "samples": samples_seen, "loss": loss_value,
-                      "lr": engine.get_lr()[0], "logit_scale": float(scale),
+                      "lr": lr, "logit_scale": float(scale),
                       "samples_per_s": window_samples / max(now - window_t, 1e-9), "negatives": int(num_negs),
                       **{k: int(v) for k, v in counts.items()}}
             window_t, window_samples = now, 0
@@ -309,10 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config key, e.g. --set optim.lr=1e-5 (repeatable)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    try:
-        summary = train(cfg)
-    finally:
-        cdist.teardown()
+    summary = train(cfg)
     log(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, run directory {summary['run_dir']}")
     return 0
 

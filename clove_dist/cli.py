@@ -1,0 +1,113 @@
+"""The `clove-dist` command.
+
+    clove-dist demo                                   # the whole CLoVe path on a synthetic world, one table
+    clove-dist world --out data/world                 # write the synthetic world (shards, SugarCrepe set, zero-shot set)
+    clove-dist train --config configs/debug.yaml [--set optim.lr=1e-5 ...]
+    clove-dist negatives --shards 'data/world/train/{00000..00003}.tar' --workers 2
+    clove-dist patch --pretrained A --finetuned B --alpha 0.6 --out C.safetensors
+    clove-dist eval --model clove-tiny --pretrained C.safetensors --sugarcrepe DIR --zeroshot DIR [--out r.json]
+    clove-dist bench loss|negatives [args]            # benchmark scripts of a source checkout
+
+Each subcommand is a `main(argv) -> int` of its own module; this file only dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+
+from .errors import UserError, entry_point
+
+COMMANDS = {
+    "demo": ("clove_dist.demo", "run the whole CLoVe path on a synthetic world and print one table"),
+    "world": ("clove_dist.data.synthetic", "write the synthetic compositional world"),
+    "train": ("clove_dist.train", "train (single process, torchrun or srun)"),
+    "negatives": ("clove_dist.negatives.precompute", "parse captions once and write negatives sidecars"),
+    "patch": ("clove_dist.patching", "interpolate pre-trained and fine-tuned weights"),
+    "eval": ("clove_dist.cli", "evaluate a model on SugarCrepe-format and zero-shot sets"),
+    "bench": ("clove_dist.cli", "run a benchmark script of a source checkout"),
+}
+
+
+@entry_point
+def eval_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clove-dist eval", description="Evaluate an open_clip model.")
+    ap.add_argument("--model", required=True, help="open_clip architecture (e.g. ViT-B-32, clove-tiny)")
+    ap.add_argument("--pretrained", default="", help="open_clip tag or local weights file")
+    ap.add_argument("--sugarcrepe", default="", help="SugarCrepe-format directory")
+    ap.add_argument("--sugarcrepe-images", default="", help="image folder (default: <sugarcrepe>/images)")
+    ap.add_argument("--zeroshot", default="", help="CLIP_benchmark-format classification directory")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default="", help="write the results here as JSON")
+    args = ap.parse_args(argv)
+    if not (args.sugarcrepe or args.zeroshot):
+        raise UserError("eval: give --sugarcrepe DIR and/or --zeroshot DIR")
+    import torch
+
+    from . import model as cmodel
+    from .config import ModelConfig
+    from .eval import evaluate_all
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    clip, _, preprocess, tokenizer = cmodel.create(ModelConfig(name=args.model, pretrained=args.pretrained), device)
+    try:
+        results = evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=args.sugarcrepe,
+                               sugarcrepe_image_dir=args.sugarcrepe_images, zeroshot_dir=args.zeroshot,
+                               device=device, batch_size=args.batch_size, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"eval: {e}") from None
+    results["model"] = {"name": args.model, "pretrained": args.pretrained}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+@entry_point
+def bench_main(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not argv or argv[0] in ("-h", "--help"):
+        names = sorted(p.stem[6:] for p in root.glob("bench_*.py")) if root.is_dir() else []
+        print(f"usage: clove-dist bench {{{','.join(names) or 'loss,negatives'}}} [args]")
+        return 0 if argv else 2
+    script = root / f"bench_{argv[0]}.py"
+    if not script.is_file():
+        raise UserError(f"bench: no benchmark {argv[0]!r} at {script} (benchmarks ship with a source checkout)")
+    sys.argv = [str(script), *argv[1:]]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from . import __version__
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if name == "eval":
+        return eval_main(rest)
+    if name == "bench":
+        return bench_main(rest)
+    import importlib
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

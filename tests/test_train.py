@@ -1,0 +1,101 @@
+"""Single-process training as a user runs it (`clove-dist train`, no launcher): trains, checkpoints, exports weights
+open_clip loads, resumes where it stopped, and turns user mistakes into one line with nothing written."""
+from __future__ import annotations
+
+import json
+import math
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clove_dist.cli import main as cli_main
+from clove_dist.model import make_deepspeed_safe
+
+
+def _args(world, out, *extra):
+    return ["train", "--config", "configs/debug.yaml",
+            "--set", f"data.train_shards={world.train_pattern}", "--set", f"run.output_dir={out}",
+            "--set", "model.name=clove-micro", "--set", "data.batch_size=8", "--set", "data.num_workers=0",
+            "--set", "negatives.style=none", "--set", "run.log_every=1", "--set", "checkpoint.every_steps=2",
+            "--set", "optim.warmup_steps=2", "--set", "patching.alphas=[0.5]", *extra]
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch, request):
+    monkeypatch.chdir(request.config.rootpath)
+
+
+def test_train_checkpoint_export_resume(world, tmp_path):
+    assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=3")) == 0
+    run = tmp_path / "debug"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in lines)
+    assert lines[-1]["samples"] == 24
+    # the warm-up ramps the learning rate: lr at step 1 is half the peak (2 warm-up steps)
+    assert lines[0]["lr"] == pytest.approx(5e-4 / 2)
+    assert (run / "checkpoints" / "latest").read_text() == "step000000003"
+    assert (run / "config.yaml").is_file()
+
+    fine = run / "export" / "finetuned.safetensors"
+    model = open_clip.create_model("clove-micro", pretrained=str(fine))  # what a user does with the export
+    state = load_file(str(fine))
+    assert state["logit_scale"].shape == torch.Size([])  # DeepSpeed's [1] shape is undone on export
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    # training moved the weights away from the initialisation that patching interpolates from
+    patched = load_file(str(run / "export" / "patched_alpha0.50.safetensors"))
+    w = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert not torch.equal(patched[w], state[w])
+
+    assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=5")) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]  # resumed at 3, not restarted
+    assert lines[-1]["samples"] == 40
+    assert (run / "checkpoints" / "latest").read_text() == "step000000005"
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step*"))
+    assert kept == ["step000000004", "step000000005"]  # keep_last: 2
+    assert (run / "config.step000000003.yaml").is_file()  # the changed max_steps is recorded, the original kept
+
+
+def test_logit_scale_clamp_holds_under_zero(world, tmp_path):
+    """Start just under the ceiling with a large lr: the master copy must stay clamped at log(100)."""
+    model = open_clip.create_model("clove-micro")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0) - 1e-3)
+    start = tmp_path / "start.pt"
+    torch.save(model.state_dict(), start)
+    args = _args(world, tmp_path, "--set", "train.max_steps=4", "--set", f"model.pretrained={start}",
+                 "--set", "optim.lr=0.05", "--set", "optim.warmup_steps=0", "--set", "distributed.zero_stage=2",
+                 "--set", "patching.alphas=[]", "--set", "run.name=clamp")
+    assert cli_main(args) == 0
+    state = load_file(str(tmp_path / "clamp" / "export" / "finetuned.safetensors"))
+    lines = [json.loads(x) for x in (tmp_path / "clamp" / "metrics.jsonl").read_text().splitlines()]
+    assert float(state["logit_scale"]) <= math.log(100.0) + 1e-6
+    assert max(r["logit_scale"] for r in lines) <= 100.0 + 1e-4
+    # the lr is large enough that Adam moved logit_scale by far more than the 1e-3 margin: the clamp was needed
+    assert any(abs(r["logit_scale"] - 100.0 * math.exp(-1e-3)) > 0.05 for r in lines)
+
+
+def test_user_mistakes_are_one_line(world, tmp_path, capsys):
+    assert cli_main(_args(world, tmp_path, "--set", "optim.lrr=1")) == 2
+    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
+    assert cli_main(_args(world, tmp_path, "--set", f"data.train_shards={tmp_path}/none-{{0..3}}.tar")) == 2
+    assert "matched no shard files" in capsys.readouterr().err
+    wrong = open_clip.create_model("clove-tiny")
+    torch.save(wrong.state_dict(), tmp_path / "tiny.pt")
+    assert cli_main(_args(world, tmp_path, "--set", f"model.pretrained={tmp_path}/tiny.pt")) == 2
+    err = capsys.readouterr().err
+    assert "does not hold weights of clove-micro" in err and "Traceback" not in err
+    assert not (tmp_path / "debug").exists()  # nothing was written by the failed runs
+
+
+def test_make_deepspeed_safe_keeps_values():
+    model = open_clip.create_model("clove-micro")
+    before = model.logit_scale.detach().clone()
+    shapes = make_deepspeed_safe(model)
+    assert shapes == {"logit_scale": torch.Size([])}
+    assert model.logit_scale.shape == (1,) and model.logit_scale.requires_grad
+    assert float(model.logit_scale) == float(before)
