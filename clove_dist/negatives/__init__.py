@@ -74,7 +74,7 @@ class NegativeGenerator:
     def __init__(self, cfg: NegativesConfig) -> None:
         self.cfg = cfg
         self.lexicon = Lexicon(cfg.wordnet_path, cfg.max_senses)
-        self.parser = SceneParser(cfg.spacy_model, cfg.max_caption_chars, self.lexicon)
+        self.parser = SceneParser(cfg.spacy_model, cfg.max_caption_chars)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
     def __getstate__(self) -> dict[str, Any]:

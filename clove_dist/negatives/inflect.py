@@ -6,7 +6,8 @@
     fix_article("I saw an ", "zebra")  -> "I saw a "
 
 Inflection uses lemminflect (its look-ups cost about 35 us, so they are cached per process). Lemmas of caption
-words come from lemminflect too, since spaCy's lemmatizer is disabled for speed.
+words come from lemminflect too, since spaCy's lemmatizer is disabled for speed, and so does the vocabulary check
+that tells English captions from others: the parse needs spaCy and lemminflect, never WordNet.
 """
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def lemma_of(word: str, tag: str) -> str:
     import lemminflect  # imports spaCy: deferred so that importing clove_dist.negatives stays cheap
     found = lemminflect.getLemma(low, upos=upos)
     return found[0] if found else low
+
+
+@functools.lru_cache(maxsize=65536)
+def is_english_word(word: str) -> bool:
+    """Whether lemminflect's English lexicon (about 90k words) knows `word` in any part of speech."""
+    import lemminflect
+    return bool(lemminflect.getAllLemmas(word.lower()))
 
 
 @functools.lru_cache(maxsize=65536)

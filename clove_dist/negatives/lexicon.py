@@ -2,7 +2,6 @@
 
     lex = Lexicon(wordnet_path="", max_senses=1)
     table = lex.table("dog", "n")      # Table(words=('cat', 'fox', ...), cum=(...)) or None
-    lex.known("playa")                 # any sense in WordNet (used to tell English from other text)
 
 Where WordNet comes from, first match wins:
 1. `negatives.wordnet_path` when set (a directory of WordNet dict files: data.noun, index.noun, ...);
@@ -211,7 +210,6 @@ class Lexicon:
         self._wn: Any = None
         self._counts: dict[str, int] = {}
         self._tables: dict[tuple[str, str], Table | None] = {}
-        self._known: dict[str, bool] = {}
         self._synset_lemmas: dict[Any, tuple[tuple[str, int], ...]] = {}
         self._families: dict[Any, tuple[Any, ...]] = {}
         self._derived: dict[Any, tuple[tuple[str, int, Any], ...]] = {}
@@ -227,16 +225,6 @@ class Lexicon:
         if self._wn is None:
             self._wn, self._counts = shared_wordnet(self.wordnet_path)
         return self._wn
-
-    def known(self, word: str) -> bool:
-        """True when WordNet has the word (any part of speech, inflected forms included)."""
-        hit = self._known.get(word)
-        if hit is None:
-            hit = bool(self.wn.synsets(word))
-            if len(self._known) >= MAX_TABLES:
-                self._known.clear()
-            self._known[word] = hit
-        return hit
 
     def table(self, lemma: str, pos: str) -> Table | None:
         """Candidates replacing `lemma` ('_' joins words) as a noun 'n', verb 'v' or adjective 'a'; None if none."""

