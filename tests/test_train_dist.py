@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,8 +31,15 @@ def _torchrun(world, out, stage: int, steps: int, repo) -> None:
            "--set", f"distributed.zero_stage={stage}", "--set", f"train.max_steps={steps}",
            "--set", "optim.warmup_steps=1", "--set", "patching.alphas=[0.6]"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: a hung rank must not outlive the test
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {err[-4000:]}")
+    assert proc.returncode == 0, err[-4000:]
 
 
 @pytest.fixture(scope="module")
