@@ -59,6 +59,7 @@ class TensorSource(Mapping):
                 self._state = {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
                 self._keys = list(self._state)
                 self._st = None
+            self._keyset = frozenset(self._keys)
         except PatchError:
             raise
         except Exception as e:  # unreadable or corrupt file, of any kind
@@ -69,6 +70,9 @@ class TensorSource(Mapping):
         if self._st is not None:
             return self._st.get_tensor(key)
         return self._state[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keyset
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

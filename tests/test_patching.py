@@ -1,0 +1,87 @@
+"""Patching: w = (1 - alpha) * pretrained + alpha * finetuned, streamed into safetensors that open_clip loads."""
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import clove_dist.model  # noqa: F401  (registers clove-micro / clove-tiny with open_clip)
+from clove_dist.cli import main as cli_main
+from clove_dist.patching import PatchError, patch_files, save_state, streaming_writer
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(0)
+    a = open_clip.create_model("clove-micro").state_dict()
+    torch.manual_seed(1)
+    b = open_clip.create_model("clove-micro").state_dict()
+    b["logit_scale"] = b["logit_scale"].reshape(1) + 0.5  # a DeepSpeed-shaped [1] scalar must still match
+    save_file({k: v.contiguous() for k, v in a.items()}, d / "a.safetensors")
+    torch.save(b, d / "b.pt")
+    return d, a, b
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_patch_matches_plain_arithmetic_and_loads_in_open_clip(pair, alpha):
+    d, a, b = pair
+    out = patch_files(str(d / "a.safetensors"), str(d / "b.pt"), alpha, str(d / f"p{alpha}.safetensors"),
+                      progress=False)
+    got = load_file(str(out))
+    assert got.keys() == a.keys()
+    for k in a:
+        expected = (1 - alpha) * a[k].double() + alpha * b[k].reshape(a[k].shape).double()
+        # fp32 lerp vs the fp64 formula: one rounding of a value of magnitude <= ~5, i.e. below 1e-6 absolute
+        torch.testing.assert_close(got[k].double(), expected, rtol=0, atol=1e-6)
+        assert got[k].dtype == a[k].dtype and got[k].shape == a[k].shape
+    if alpha == 0.0:
+        assert all(torch.equal(got[k], a[k]) for k in a)  # the endpoints are exact
+    model = open_clip.create_model("clove-micro", pretrained=str(out))
+    assert torch.equal(model.logit_scale.detach(), got["logit_scale"])
+
+
+def test_patch_cli_and_errors(pair, tmp_path, capsys):
+    d, _, _ = pair
+    assert cli_main(["patch", "--pretrained", str(d / "a.safetensors"), "--finetuned", str(d / "b.pt"),
+                     "--alpha", "0.6", "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert (tmp_path / "c.safetensors").is_file()
+    assert cli_main(["patch", "--pretrained", str(d / "a.safetensors"), "--finetuned", str(d / "b.pt"),
+                     "--alpha", "0", "0.5", "--out", str(tmp_path / "sweep")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["patched_alpha0.00.safetensors",
+                                                                       "patched_alpha0.50.safetensors"]
+    capsys.readouterr()
+
+    other = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("clove-tiny").state_dict().items()}, other)
+    cases = [
+        (["--finetuned", str(other)], "checkpoints are of different models"),
+        (["--alpha", "1.5"], "alpha must be in [0, 1], got 1.5"),
+        (["--finetuned", str(tmp_path / "missing.pt")], "checkpoint not found"),
+    ]
+    for extra, needle in cases:
+        args = {"--pretrained": str(d / "a.safetensors"), "--finetuned": str(d / "b.pt"), "--alpha": "0.6",
+                "--out": str(tmp_path / "bad.safetensors")}
+        args.update(dict(zip(extra[::2], extra[1::2])))
+        assert cli_main(["patch", *[x for kv in args.items() for x in kv]]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad.safetensors").exists()  # nothing half-written under the final name
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["patch", "--pretrained", str(tmp_path / "junk.pt"), "--finetuned", str(d / "b.pt"),
+                     "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    state = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    with pytest.raises(KeyboardInterrupt):
+        with streaming_writer(tmp_path / "x.safetensors", specs) as w:
+            w.write("w", state["w"])
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    save_state(state, tmp_path / "x.safetensors")
+    got = load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(got[k], state[k]) for k in state)
