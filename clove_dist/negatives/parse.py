@@ -18,7 +18,9 @@ held HTML entities, control characters or emoji (those are blanked for spaCy onl
 
 Bad input is classified, never fatal: `empty` (nothing but whitespace or symbols), `non_english` (another script,
 or too few English words), `no_noun` (no entity), else `ok`; `flags` marks truncated and cleaned captions.
-spaCy runs with tagger, parser and attribute ruler only (NER and lemmatizer off; lemmas come from lemminflect).
+spaCy runs with tagger and parser only: NER and lemmatizer off (lemmas come from lemminflect), and the attribute
+ruler replaced by a table from tag to part of speech (`TAG_TO_POS`, a third faster, same parts of speech on
+captions; tests/test_negatives.py compares them).
 """
 from __future__ import annotations
 
@@ -151,18 +153,59 @@ def looks_english(words: Sequence[str], known: Any = is_english_word) -> bool:
 
 _SPACY: dict[str, Any] = {}
 
+# Penn tag -> universal part of speech, as the English pipelines' attribute ruler maps them. The ruler runs a
+# rule matcher over every token and costs about a third of the parse; this table does the part negatives use.
+TAG_TO_POS = {
+    "NN": "NOUN", "NNS": "NOUN", "NNP": "PROPN", "NNPS": "PROPN", "VB": "VERB", "VBD": "VERB", "VBG": "VERB",
+    "VBN": "VERB", "VBP": "VERB", "VBZ": "VERB", "MD": "AUX", "JJ": "ADJ", "JJR": "ADJ", "JJS": "ADJ", "AFX": "ADJ",
+    "RB": "ADV", "RBR": "ADV", "RBS": "ADV", "WRB": "ADV", "IN": "ADP", "RP": "ADP", "CD": "NUM", "DT": "DET",
+    "PDT": "DET", "PRP": "PRON", "PRP$": "PRON", "WP": "PRON", "WP$": "PRON", "WDT": "PRON", "EX": "PRON",
+    "CC": "CCONJ", "TO": "PART", "POS": "PART", "UH": "INTJ", "SYM": "SYM", "$": "SYM", "#": "SYM", "_SP": "SPACE",
+    "SP": "SPACE", "FW": "X", "LS": "X", "XX": "X", "ADD": "X", "NIL": "X", "GW": "X", "BES": "AUX", "HVS": "AUX",
+}
+_BE = frozenset({"be", "is", "are", "was", "were", "am", "been", "being", "'s", "'re", "'m", "s"})
+_AUXILIARY = frozenset({"have", "has", "had", "having", "do", "does", "did", "'ve", "'d", "get", "gets", "got"})
+
+
+def _pos_from_tag(doc: Any) -> Any:
+    """Set token.pos from the tag (AUX for forms of be, and have/do as auxiliaries); PUNCT for unknown tags."""
+    from spacy.attrs import POS
+    import numpy
+    strings = doc.vocab.strings
+    pos = numpy.empty((len(doc), 1), dtype="uint64")
+    for i, tok in enumerate(doc):
+        tag = tok.tag_
+        name = TAG_TO_POS.get(tag, "PUNCT")
+        if name == "VERB":
+            low = tok.lower_
+            if low in _BE:  # a copula or auxiliary, except existential "there is"
+                name = "VERB" if any(c.dep_ == "expl" for c in tok.children) else "AUX"
+            elif low in _AUXILIARY and tok.dep_ in ("aux", "auxpass"):
+                name = "AUX"
+        elif tag == "IN" and tok.dep_ == "mark":
+            name = "SCONJ"
+        elif tag == "RB" and tok.lower_ in ("not", "n't"):
+            name = "PART"
+        pos[i, 0] = strings[name]
+    return doc.from_array([POS], pos)
+
 
 def load_spacy(name: str) -> Any:
-    """The spaCy pipeline `name` (either alias of en_core_web_sm), tagger + parser only; cached per process."""
+    """The spaCy pipeline `name` (either alias of en_core_web_sm): tagger and parser, with the attribute ruler,
+    NER and lemmatizer left out, and parts of speech set from the tags; cached per process."""
     if name in _SPACY:
         return _SPACY[name]
     import spacy
+    from spacy.language import Language
+    if "clove_pos_from_tag" not in Language.factories:
+        Language.component("clove_pos_from_tag", func=_pos_from_tag)
     names = [name] + [a for a in MODEL_ALIASES if a != name] if name in MODEL_ALIASES else [name]
     for candidate in names:
         try:
-            nlp = spacy.load(candidate, exclude=["ner", "lemmatizer"])
+            nlp = spacy.load(candidate, exclude=["ner", "lemmatizer", "attribute_ruler"])
         except OSError:
             continue
+        nlp.add_pipe("clove_pos_from_tag", last=True)
         _SPACY[name] = nlp
         return nlp
     raise SpacyModelMissing(f"spaCy model {name!r} is not installed (negatives.spacy_model); install it with "
