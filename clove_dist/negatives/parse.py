@@ -144,6 +144,8 @@ def looks_english(words: Sequence[str], known: Any = is_english_word) -> bool:
     if foreign > 0.3 * len(letters):
         return False
     sample = [w.lower() for w in words[:40]]
+    if len(sample) <= 2:
+        return True  # too short to judge ("Frisbee"): parse it
     num_function = sum(1 for w in sample if w in FUNCTION_WORDS)
     num_known = sum(1 for w in sample if w in FUNCTION_WORDS or known(w))
     if num_known < 0.5 * len(sample) or (num_function == 0 and len(sample) >= 4):

@@ -2,6 +2,7 @@
 
     clove-dist negatives --shards '/data/{00000..00999}.tar' --workers 8
     clove-dist negatives --shards '/data/*.tar' --out /scratch/negparse --config configs/clove_vit_b32.yaml
+    python -m clove_dist.negatives.precompute --shards ...          # the same, without the console script
 
 The parse (spaCy, about 1-3 ms a caption) is the expensive part of a negative and does not change between epochs;
 with sidecars the training data pipeline runs no spaCy and still draws fresh negatives each epoch. Shards are
@@ -230,3 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = ", ".join(f"{k[4:]} {v}" for k, v in sorted(totals.items()))
     log(f"negatives: {len(shards)} shards ({summary or 'nothing to do'})")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
