@@ -316,8 +316,28 @@ def train(cfg: Config) -> dict[str, Any]:
             written = export(cfg, run_dir, state)
             log("exported: " + ", ".join(str(p) for p in written))
         cdist.barrier()
+    if env.is_main and written and (cfg.eval.sugarcrepe_dir or cfg.eval.zeroshot_dir):
+        evaluate_exports(cfg, run_dir, written, env.device)
+    cdist.barrier()
     return {"steps": step, "samples": samples_seen, "loss": loss_value, "run_dir": str(run_dir),
             "exports": [str(p) for p in written], "skipped": skipped}
+
+
+def evaluate_exports(cfg: Config, run_dir: Path, exports: list[Path], device: torch.device) -> Path:
+    """Evaluate every exported model on the configured sets; results in run_dir/eval.json (rank 0 only)."""
+    from .config import ModelConfig
+    from .eval import evaluate_all
+    results = {}
+    for path in exports:
+        clip, _, preprocess, tokenizer = cmodel.create(ModelConfig(name=cfg.model.name, pretrained=str(path)), device)
+        results[path.name] = evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=cfg.eval.sugarcrepe_dir,
+                                          zeroshot_dir=cfg.eval.zeroshot_dir, device=device,
+                                          batch_size=cfg.eval.batch_size)
+        sc, zs = results[path.name].get("sugarcrepe", {}), results[path.name].get("zeroshot", {})
+        log(f"eval {path.name}: SugarCrepe average {sc.get('average')}, zero-shot top-1 {zs.get('top1')}")
+    out = run_dir / "eval.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return out
 
 
 @entry_point

@@ -99,3 +99,24 @@ def test_make_deepspeed_safe_keeps_values():
     assert shapes == {"logit_scale": torch.Size([])}
     assert model.logit_scale.shape == (1,) and model.logit_scale.requires_grad
     assert float(model.logit_scale) == float(before)
+
+
+def test_training_evaluates_its_exports_and_eval_cli(world, tmp_path, capsys):
+    args = _args(world, tmp_path, "--set", "train.max_steps=2", "--set", f"eval.sugarcrepe_dir={world.sugarcrepe_dir}",
+                 "--set", f"eval.zeroshot_dir={world.zeroshot_dir}", "--set", "run.name=evaluated")
+    assert cli_main(args) == 0
+    results = json.loads((tmp_path / "evaluated" / "eval.json").read_text())
+    assert sorted(results) == ["finetuned.safetensors", "patched_alpha0.50.safetensors"]
+    fine = tmp_path / "evaluated" / "export" / "finetuned.safetensors"
+    capsys.readouterr()
+    out = tmp_path / "cli.json"
+    assert cli_main(["eval", "--model", "clove-micro", "--pretrained", str(fine), "--sugarcrepe",
+                     world.sugarcrepe_dir, "--zeroshot", world.zeroshot_dir, "--out", str(out)]) == 0
+    cli = json.loads(out.read_text())
+    # the same weights, the same sets: the CLI and the end-of-training evaluation agree exactly
+    assert cli["sugarcrepe"]["average"] == results["finetuned.safetensors"]["sugarcrepe"]["average"]
+    assert cli["zeroshot"]["top1"] == results["finetuned.safetensors"]["zeroshot"]["top1"]
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", "clove-micro", "--sugarcrepe", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: eval:") and err.count("\n") == 1
