@@ -171,22 +171,26 @@ _AUXILIARY = frozenset({"have", "has", "had", "having", "do", "does", "did", "'v
 
 def _pos_from_tag(doc: Any) -> Any:
     """Set token.pos from the tag (AUX for forms of be, and have/do as auxiliaries); PUNCT for unknown tags."""
-    from spacy.attrs import POS
     import numpy
+    from spacy.attrs import DEP, HEAD, LOWER, POS, TAG
     strings = doc.vocab.strings
-    pos = numpy.empty((len(doc), 1), dtype="uint64")
-    for i, tok in enumerate(doc):
-        tag = tok.tag_
+    rows = doc.to_array([TAG, DEP, HEAD, LOWER]).tolist()
+    deps = [strings[d] for _, d, _, _ in rows]
+    expletive_heads = {i + (h - (1 << 64) if h >= 1 << 63 else h) for i, (_, _, h, _) in enumerate(rows)
+                       if deps[i] == "expl"}
+    pos = numpy.empty((len(rows), 1), dtype="uint64")
+    for i, (t, _, _, lower) in enumerate(rows):
+        tag = strings[t]
         name = TAG_TO_POS.get(tag, "PUNCT")
         if name == "VERB":
-            low = tok.lower_
+            low = strings[lower]
             if low in _BE:  # a copula or auxiliary, except existential "there is"
-                name = "VERB" if any(c.dep_ == "expl" for c in tok.children) else "AUX"
-            elif low in _AUXILIARY and tok.dep_ in ("aux", "auxpass"):
+                name = "VERB" if i in expletive_heads else "AUX"
+            elif low in _AUXILIARY and deps[i] in ("aux", "auxpass"):
                 name = "AUX"
-        elif tag == "IN" and tok.dep_ == "mark":
+        elif tag == "IN" and deps[i] == "mark":
             name = "SCONJ"
-        elif tag == "RB" and tok.lower_ in ("not", "n't"):
+        elif tag == "RB" and strings[lower] in ("not", "n't"):
             name = "PART"
         pos[i, 0] = strings[name]
     return doc.from_array([POS], pos)
@@ -214,17 +218,36 @@ def load_spacy(name: str) -> Any:
                             f"`{MODEL_INSTALL}`")
 
 
-def extract(doc: Any) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]]:
-    """Scene-graph elements and swap spans of a spaCy Doc, in the Doc's character offsets."""
-    toks = list(doc)
-    n = len(toks)
-    low = [t.lower_ for t in toks]
-    pos = [t.pos_ for t in toks]
-    tag = [t.tag_ for t in toks]
-    dep = [t.dep_ for t in toks]
-    head = [t.head.i for t in toks]
-    start = [t.idx for t in toks]
-    end = [t.idx + len(t) for t in toks]
+def _token_table(doc: Any, text: str) -> tuple[list[str], list[str], list[str], list[str], list[int], list[int],
+                                               list[int]]:
+    """(lower, pos, tag, dep, head, start, end) per token, from one to_array call: building Token objects
+    (token.head above all) cost more than the rest of the graph."""
+    from spacy.attrs import DEP, HEAD, IDX, LENGTH, POS, TAG
+    strings = doc.vocab.strings
+    rows = doc.to_array([POS, TAG, DEP, HEAD, IDX, LENGTH]).tolist()
+    low, pos, tag, dep, head, start, end = [], [], [], [], [], [], []
+    for i, (p, t, d, h, x, n) in enumerate(rows):
+        pos.append(strings[p])
+        tag.append(strings[t])
+        dep.append(strings[d])
+        head.append(i + (h - (1 << 64) if h >= 1 << 63 else h))  # relative offset, stored unsigned
+        start.append(x)
+        end.append(x + n)
+        low.append(text[x:x + n].lower())
+    return low, pos, tag, dep, head, start, end
+
+
+def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]]:
+    """Scene-graph elements and swap spans of a spaCy Doc, in the Doc's character offsets. `text` is the string
+    the Doc was made from (Doc.text rebuilds it token by token)."""
+    if text is None:
+        text = doc.text
+    low, pos, tag, dep, head, start, end = _token_table(doc, text)
+    n = len(low)
+    children: list[list[int]] = [[] for _ in range(n)]
+    for k, h in enumerate(head):
+        if h != k:
+            children[h].append(k)
     chunks = [(c.start, c.end, c.root.i) for c in doc.noun_chunks]
     chunk_starts = {s: r for s, _, r in chunks}
 
@@ -255,7 +278,7 @@ def extract(doc: Any) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]
             h -= 1
         if tag[r] in ("NN", "NNS"):
             heads.append(("noun-sg" if tag[r] == "NN" else "noun-pl", start[h], end[r]))
-        root_lemma = lemma_of(toks[r].text, tag[r])
+        root_lemma = lemma_of(text[start[r]:end[r]], tag[r])
         if h < r:
             lemma = "_".join(low[h:r] + [root_lemma])
             elements.append(("E", start[h], end[r], lemma, tag[r], start[r], root_lemma))
@@ -265,15 +288,12 @@ def extract(doc: Any) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]
             nps.append((c_start, c_end))
 
     for r in sorted(roots):
-        for child in toks[r].children:
-            d = child.dep_
-            if d == "amod" and child.pos_ == "ADJ":
-                for adj in [child] + [c for c in child.children if c.dep_ == "conj" and c.pos_ == "ADJ"]:
-                    k = adj.i
-                    elements.append(("A", start[k], end[k], lemma_of(adj.text, tag[k]), tag[k], -1, ""))
-            elif d == "nummod" and child.pos_ == "NUM":
-                k = child.i
-                elements.append(("N", start[k], end[k], low[k], tag[k], -1, ""))
+        for c in children[r]:
+            if dep[c] == "amod" and pos[c] == "ADJ":
+                for k in [c] + [g for g in children[c] if dep[g] == "conj" and pos[g] == "ADJ"]:
+                    elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
+            elif dep[c] == "nummod" and pos[c] == "NUM":
+                elements.append(("N", start[c], end[c], low[c], tag[c], -1, ""))
 
     subject_of: dict[int, int] = {}
     for k in range(n):
@@ -283,22 +303,18 @@ def extract(doc: Any) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]
             subject_of[k] = head[k]
     for k in range(n):
         if dep[k] == "acomp" and pos[k] == "ADJ" and head[k] in subject_of:
-            elements.append(("A", start[k], end[k], lemma_of(toks[k].text, tag[k]), tag[k], -1, ""))
+            elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
 
     phrase_starts = {i: j for i, j in phrases}
     for k in range(n):
         if pos[k] == "ADP" and dep[k] == "prep" and k not in in_phrase:
-            if any(c.dep_ == "pobj" and c.i in roots for c in toks[k].children):
+            if any(dep[c] == "pobj" and c in roots for c in children[k]):
                 elements.append(("P", start[k], end[k], low[k], tag[k], -1, ""))
         elif pos[k] == "VERB" and k in subject_of:
-            linked = False
-            for c in toks[k].children:
-                if (c.dep_ == "dobj" and c.i in roots) or c.i in phrase_starts or \
-                        (c.dep_ == "prep" and any(g.dep_ == "pobj" and g.i in roots for g in c.children)):
-                    linked = True
-                    break
-            if linked:
-                elements.append(("V", start[k], end[k], lemma_of(toks[k].text, tag[k]), tag[k], -1, ""))
+            if any((dep[c] == "dobj" and c in roots) or c in phrase_starts or
+                   (dep[c] == "prep" and any(dep[g] == "pobj" and g in roots for g in children[c]))
+                   for c in children[k]):
+                elements.append(("V", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
     for i, j in phrases:
         if chunk_starts[j] in roots:
             elements.append(("P", start[i], end[j - 1], " ".join(low[i:j]), tag[j - 1], -1, ""))
@@ -344,14 +360,15 @@ class SceneParser:
         if todo:
             nlp = load_spacy(self.model)
             docs = nlp.pipe([t[1] for t in todo], batch_size=self.batch_size)
-            for (i, _, starts, ends, flags), doc in zip(todo, docs):
-                out[i] = self._from_doc(doc, captions[i], starts, ends, flags)
+            for (i, text, starts, ends, flags), doc in zip(todo, docs):
+                out[i] = self._from_doc(doc, text, captions[i], starts, ends, flags)
         return out  # type: ignore[return-value]
 
     @staticmethod
-    def _from_doc(doc: Any, caption: str, starts: list[int] | None, ends: list[int] | None, flags: int) -> Parse:
+    def _from_doc(doc: Any, text: str, caption: str, starts: list[int] | None, ends: list[int] | None,
+                  flags: int) -> Parse:
         crc = caption_crc(caption)
-        elements, swaps = extract(doc)
+        elements, swaps = extract(doc, text)
         if not any(e[0] == "E" for e in elements):
             return Parse("no_noun", crc, flags)
         if starts is not None and ends is not None:
