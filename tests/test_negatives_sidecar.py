@@ -173,6 +173,18 @@ def test_precompute_reads_captions_like_the_pipeline(tmp_path, capsys):
     assert alt["a"].matches("alt") and "d" not in alt
 
 
+def test_precompute_takes_settings_from_a_run_config(tmp_path):
+    path = str(tmp_path / "00000.tar")
+    write_shard(path, [{"key": "a", "json": {"top_caption": "A dog on a sofa."}, "txt": "A cat on a mat."}])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  caption_key: txt\nnegatives:\n  sidecar_dir: {tmp_path / 'side'}\n"
+                      "  max_caption_chars: 64\n")
+    assert precompute.main(["--shards", path, "--config", str(config)]) == 0
+    cached = load_sidecar(sidecar_path(path, str(tmp_path / "side")))
+    assert cached["a"].matches("A cat on a mat.")
+    assert precompute.main(["--shards", path, "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
 def test_precompute_resumes_an_interrupted_shard(tmp_path):
     path = make_shards(tmp_path, num_shards=1, per_shard=10)[0]
     side = sidecar_path(path)

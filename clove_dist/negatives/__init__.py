@@ -2,7 +2,9 @@
 
     gen = clove_dist.negatives.build(cfg.negatives)
     gen.generate("A man riding a red horse on the beach.", key="000123", epoch=0)
-    # [Negative(text='A man riding a red horse under the beach.', kind='replace-relation', old='on', new='under')]
+    # e.g. [Negative(text='A man riding a red horse in the beach.', kind='replace-relation', old='on', new='in')]
+    gen.generate(caption, key, epoch, parse=sidecar[key])       # from a cached parse: no spaCy
+    gen.generate_many(captions, keys, epochs)                   # on the fly, parsed as one spaCy batch
 
     clove-dist negatives --shards '/data/{00000..00999}.tar' --workers 8     # parse once, sidecar per shard
 

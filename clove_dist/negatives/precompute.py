@@ -166,6 +166,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         cfg = load_config(args.config)
         neg, caption_key, fallback = cfg.negatives, cfg.data.caption_key, cfg.data.fallback_caption_key
+    args.out = args.out or neg.sidecar_dir
     settings = {
         "caption_key": args.caption_key if args.caption_key is not None else caption_key,
         "fallback_caption_key": args.fallback_caption_key if args.fallback_caption_key is not None else fallback,
@@ -185,7 +186,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clove-dist negatives", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="shard pattern(s): brace-expanded, globs, several joined by ::")
-    p.add_argument("--out", default="", help="directory for the sidecars (default: next to each shard)")
+    p.add_argument("--out", default="", help="directory for the sidecars (default: negatives.sidecar_dir of "
+                   "--config, else next to each shard)")
     p.add_argument("--workers", type=int, default=1, help="processes, each parsing whole shards")
     p.add_argument("--config", default="", help="take caption keys and negatives settings from this run config")
     p.add_argument("--caption-key", default=None, help="json.<field> or an extension (default json.top_caption)")
@@ -223,10 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked spaCy/torch state
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = [pool.submit(process_shard, shard, out_path, settings) for shard, out_path in jobs]
-            for fut in cf.as_completed(futures):
-                totals.update(fut.result())
-                bar.update(1)
-                bar.set_postfix(captions=totals["num_samples"])
+            try:
+                for fut in cf.as_completed(futures):
+                    totals.update(fut.result())
+                    bar.update(1)
+                    bar.set_postfix(captions=totals["num_samples"])
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # finished shards stay; the rest resume next time
+                raise
     bar.close()
     summary = ", ".join(f"{k[4:]} {v}" for k, v in sorted(totals.items()))
     log(f"negatives: {len(shards)} shards ({summary or 'nothing to do'})")

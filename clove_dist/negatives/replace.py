@@ -9,9 +9,10 @@ Where candidates come from, by element role (see parse.py for the roles):
 - prepositions and phrasal prepositions `P`: the fixed list below, weighted by rough frequency in English. Near
   synonyms share a group and never replace each other (CLoVe's list would turn "on" into "on top of");
 - numbers `N`: another number of the same notation (words or digits), never "one", so "two dogs" stays plural.
-Each element gets weight min(2, number of candidates) (Table.weight), after CLoVe, which takes up to two candidates per element
-and then draws uniformly from all of them; the candidate itself is drawn by frequency. The new word is inflected
-like the old (tense, number, degree), takes its casing, and a preceding "a"/"an" is corrected.
+Each element weighs min(2, number of candidates) (Table.weight), after CLoVe, which takes up to two candidates
+per element and then draws uniformly from all of them; the candidate itself is drawn by frequency. The new word
+is inflected like the old (tense, number, degree), takes its casing, and a preceding "a"/"an" is corrected. A
+draw whose new word already occurs in the caption ("a black and black bus") is rejected and drawn again.
 """
 from __future__ import annotations
 
