@@ -55,6 +55,31 @@ def test_configured_path_wins_and_gains_lexnames(tmp_path, monkeypatch):
     assert again == root
 
 
+def test_unwritable_cache_falls_back_to_the_temp_directory(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(lexmod.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    src = tmp_path / "dict"
+    src.mkdir()
+    for name in ("data.noun", "index.noun"):
+        (src / name).write_text("  1 test\n")
+    root, _ = locate_wordnet(str(src))
+    assert root.parent.parent == tmp_path / "tmp" and (root / "lexnames").is_file()
+
+
+def test_nltk_data_comes_before_debian(tmp_path, monkeypatch):
+    import nltk.data
+    corpus = tmp_path / "corpora" / "wordnet"
+    corpus.mkdir(parents=True)
+    for name in ("data.noun", "index.noun", "lexnames"):
+        (corpus / name).write_text("x\n")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)] + list(nltk.data.path))
+    root, where = locate_wordnet("")
+    assert "NLTK" in where and str(root.path if hasattr(root, "path") else root).startswith(str(corpus))
+
+
 def test_configured_path_without_wordnet_is_one_error_line(tmp_path):
     with pytest.raises(WordNetMissing) as err:
         locate_wordnet(str(tmp_path / "nowhere"))

@@ -81,15 +81,7 @@ def _cache_root() -> Path:
     return Path(base) / "clove-dist"
 
 
-def _with_lexnames(src: Path) -> Path:
-    """A directory NLTK can open: `src` itself when it has lexnames, else a cached copy with lexnames added."""
-    if (src / "lexnames").is_file():
-        return src
-    stamp = int((src / "data.noun").stat().st_mtime)
-    digest = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
-    dest = _cache_root() / f"wordnet-{digest}-{stamp}"
-    if (dest / "lexnames").is_file():
-        return dest
+def _copy_with_lexnames(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=dest.parent))
     try:
@@ -104,7 +96,28 @@ def _with_lexnames(src: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+
+def _with_lexnames(src: Path) -> Path:
+    """A directory NLTK can open: `src` itself when it has lexnames, else a cached copy with lexnames added (in
+    ~/.cache/clove-dist, or the temp directory when that is not writable)."""
+    if (src / "lexnames").is_file():
+        return src
+    stamp = int((src / "data.noun").stat().st_mtime)
+    name = f"wordnet-{hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]}-{stamp}"
+    fallback = Path(tempfile.gettempdir()) / f"clove-dist-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    errors = []
+    for root in (_cache_root(), fallback):
+        dest = root / name
+        if (dest / "lexnames").is_file():
+            return dest
+        try:
+            _copy_with_lexnames(src, dest)
+            return dest
+        except OSError as e:
+            errors.append(f"{root}: {e.strerror or e}")
+    raise WordNetMissing(f"WordNet at {src} lacks lexnames and no copy with it can be written ({'; '.join(errors)}); "
+                         "set negatives.wordnet_path to a WordNet directory that has lexnames")
 
 
 def locate_wordnet(configured: str = "") -> tuple[Any, str]:
