@@ -54,8 +54,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         # The interpreter needs the variable both when the kernels were defined and while they run.
-        import triton
-        if contrastive.INTERPRETED and triton.knobs.runtime.interpret:
+        if contrastive.INTERPRETED and contrastive.interpreter_active():
             return None
         return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
     return f"device {device} is not supported"

@@ -1,18 +1,20 @@
 """Contrastive cross-entropy in pure torch, tile by tile, never holding the (R, M) logits.
 
 Algorithm. Rows are taken in blocks of `chunk_size` and, inside a row block, columns in blocks of `chunk_size`.
-Forward keeps a running row maximum m and a running sum l of exp(logit - m) in fp32 (online log-sum-exp, as in
-flash-attention), so each (chunk, chunk) tile of logits is built, folded into (m, l) and dropped. Only the per-row
-LSE [R] is saved. Backward rebuilds every tile from the saved LSE:
+Forward folds each (chunk, chunk) tile of logits into a running per-row log-sum-exp in fp32 (online LSE: the
+tile's logsumexp is combined with the running one by logaddexp), so a tile is built, reduced and dropped. Only the
+per-row LSE [R] is saved. Backward rebuilds every tile from the saved LSE:
 
     p_ij      = exp(s * q_i . k_j - lse_i)            (0 on masked columns)
-    dlogit_ij = g_i * (p_ij - [j == t_i])
-    dq_i      = s * sum_j dlogit_ij k_j        dk_j = s * sum_i dlogit_ij q_i
-    ds        = sum_ij dlogit_ij (q_i . k_j)
+    A_i       = sum_j p_ij k_j                        accumulated over column tiles, (chunk, D) per row block
+    dq_i      = s * g_i * (A_i - k_{t_i})
+    dk_j      = s * (sum_i p_ij g_i q_i - sum_{i: t_i = j} g_i q_i)
+    ds        = sum_i g_i q_i . (A_i - k_{t_i})      (= sum_ij dlogit_ij q_i . k_j, no extra pass over tiles)
 
-The target term (-[j == t_i]) is applied once per row with a gather and an index_add instead of inside the tiles.
+Per tile that is one matmul for the logits (with -lse folded in by addmm), an in-place exp, and one matmul for each
+of A and dK. The target term (-[j == t_i]) is applied once per row block with a gather and an index_add.
 
-Memory: O(chunk^2) for a tile plus O((R + M) * D) for the fp32 gradient accumulators; never O(R * M).
+Memory: O(chunk^2 + chunk * D) per tile plus O((R + M) * D) for the fp32 gradient accumulators; never O(R * M).
 Compute: forward one R x M x D matmul, backward three (the recomputed tile, dQ, dK), against one and two for the
 materialised reference.
 """
@@ -21,16 +23,6 @@ from __future__ import annotations
 import torch
 
 from .reference import compute_dtype
-
-
-def _logits_tile(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
-                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw similarities, scaled and masked logits) of one (rows, cols) tile."""
-    qk = q @ k.T  # (rows, cols)
-    logits = qk * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    return qk, logits
 
 
 class _ChunkedContrastiveCE(torch.autograd.Function):
@@ -42,24 +34,21 @@ class _ChunkedContrastiveCE(torch.autograd.Function):
         s = scale.detach().to(dtype)
         num_rows, num_cols = q_all.shape[0], k_all.shape[0]
         targets = targets.long()
+        unmasked = None if key_mask is None else ~key_mask
         lse = torch.empty(num_rows, dtype=dtype, device=queries.device)
         target_logit = torch.empty(num_rows, dtype=dtype, device=queries.device)
-        # A finite floor instead of -inf keeps exp(m_old - m_new) defined while a row has seen only masked columns.
-        floor = torch.finfo(dtype).min
         for r0 in range(0, num_rows, chunk_size):
             r1 = min(r0 + chunk_size, num_rows)
-            q = q_all[r0:r1]  # (rows, D)
-            m = torch.full((r1 - r0,), floor, dtype=dtype, device=queries.device)
-            l = torch.zeros(r1 - r0, dtype=dtype, device=queries.device)
+            q_scaled = q_all[r0:r1] * s  # (rows, D): the scale applied once per row block, not per tile
+            running = torch.full((r1 - r0,), float("-inf"), dtype=dtype, device=queries.device)
             for c0 in range(0, num_cols, chunk_size):
                 c1 = min(c0 + chunk_size, num_cols)
-                mask = None if key_mask is None else key_mask[c0:c1]
-                _, logits = _logits_tile(q, k_all[c0:c1], s, mask)  # (rows, cols)
-                m_new = torch.maximum(m, logits.amax(dim=1))
-                l = l * torch.exp(m - m_new) + torch.exp(logits - m_new[:, None]).sum(dim=1)
-                m = m_new
-            lse[r0:r1] = m + torch.log(l)
-            target_logit[r0:r1] = s * (q * k_all[targets[r0:r1]]).sum(dim=1)
+                logits = q_scaled @ k_all[c0:c1].T  # (rows, cols)
+                if unmasked is not None:
+                    logits.masked_fill_(unmasked[c0:c1], float("-inf"))
+                running = torch.logaddexp(running, torch.logsumexp(logits, dim=1))
+            lse[r0:r1] = running
+            target_logit[r0:r1] = (q_scaled * k_all[targets[r0:r1]]).sum(dim=1)
         ctx.save_for_backward(queries, keys, targets, scale, key_mask, lse)
         ctx.chunk_size = chunk_size
         return lse - target_logit
@@ -74,35 +63,38 @@ class _ChunkedContrastiveCE(torch.autograd.Function):
         s = scale.detach().to(dtype)
         g_all = grad_loss.to(dtype)
         num_rows, num_cols = q_all.shape[0], k_all.shape[0]
-        dq_all = torch.zeros_like(q_all)  # (R, D), accumulated in fp32/fp64
-        dk_all = torch.zeros_like(k_all)  # (M, D)
+        unmasked = None if key_mask is None else ~key_mask
+        dq_all = torch.zeros_like(q_all) if need_q else None  # (R, D), fp32/fp64 accumulators
+        dk_all = torch.zeros_like(k_all) if need_k else None  # (M, D)
         ds = torch.zeros((), dtype=dtype, device=queries.device)
         for r0 in range(0, num_rows, chunk_size):
             r1 = min(r0 + chunk_size, num_rows)
             q, g = q_all[r0:r1], g_all[r0:r1]
-            lse_rows = lse[r0:r1, None]
+            q_scaled = q * s
+            neg_lse = -lse[r0:r1, None]  # (rows, 1)
+            gq = q * g[:, None]  # (rows, D)
+            soft_keys = torch.zeros_like(q) if (need_q or need_s) else None  # A = P @ K, (rows, D)
             for c0 in range(0, num_cols, chunk_size):
                 c1 = min(c0 + chunk_size, num_cols)
                 k = k_all[c0:c1]
-                mask = None if key_mask is None else key_mask[c0:c1]
-                qk, logits = _logits_tile(q, k, s, mask)
-                dlogits = torch.exp(logits - lse_rows) * g[:, None]  # (rows, cols), softmax part only
-                if need_q:
-                    dq_all[r0:r1] += dlogits @ k
+                p = torch.addmm(neg_lse, q_scaled, k.T)  # (rows, cols): logits - lse
+                if unmasked is not None:
+                    p.masked_fill_(unmasked[c0:c1], float("-inf"))
+                p.exp_()  # softmax probabilities of the tile
+                if soft_keys is not None:
+                    soft_keys.addmm_(p, k)
                 if need_k:
-                    dk_all[c0:c1] += dlogits.T @ q
-                if need_s:
-                    ds += (dlogits * qk).sum()
-            # The -[j == t_i] part of the softmax gradient, once per row.
+                    dk_all[c0:c1].addmm_(p.T, gq)
             tgt = targets[r0:r1]
-            k_tgt = k_all[tgt]  # (rows, D)
-            if need_q:
-                dq_all[r0:r1] -= g[:, None] * k_tgt
+            if soft_keys is not None:
+                residual = soft_keys - k_all[tgt]  # (rows, D): A_i - k_{t_i}
+                if need_q:
+                    dq_all[r0:r1] = residual * (g * s)[:, None]
+                if need_s:
+                    ds += (g * (q * residual).sum(dim=1)).sum()
             if need_k:
-                dk_all.index_add_(0, tgt, -g[:, None] * q)
-            if need_s:
-                ds -= (g * (q * k_tgt).sum(dim=1)).sum()
-        dq = (dq_all * s).to(queries.dtype) if need_q else None
+                dk_all.index_add_(0, tgt, -gq)
+        dq = dq_all.to(queries.dtype) if need_q else None
         dk = (dk_all * s).to(keys.dtype) if need_k else None
         dscale = ds.to(scale.dtype) if need_s else None
         return dq, dk, None, dscale, None, None

@@ -34,12 +34,23 @@ Limitations
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+
+def interpreter_active() -> bool:
+    """Whether triton currently runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
 # Fixed when this module is imported, like the kernels below (triton.jit picks interpreter mode at decoration).
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+INTERPRETED = interpreter_active()
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -227,8 +238,9 @@ def _prepare(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, s
     targets = targets.to(torch.int64).contiguous()
     scale32 = scale.detach().to(torch.float32).reshape(1).contiguous()
     mask_i8 = None if key_mask is None else key_mask.to(torch.int8).contiguous()
+    # fp32 inputs: IEEE dots, no TF32, so results match the fp32 reference. For bf16/fp16 the setting has no effect.
     meta = dict(HAS_MASK=mask_i8 is not None, UPCAST=INTERPRETED,
-                DOT_PRECISION="ieee")  # no TF32: fp32 inputs must match the fp32 reference
+                DOT_PRECISION="ieee" if queries.dtype == torch.float32 else "tf32")
     return queries, keys, targets, scale32, mask_i8, meta
 
 
