@@ -286,6 +286,9 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
         return out
 
     assert captions(a) == captions(b)
+    # Byte-identical across runs at different times too: headers carry no time or owner.
+    with tarfile.open(tmp_path / "a" / "train" / "00000.tar") as tar:
+        assert {(m.mtime, m.uname, m.uid) for m in tar} == {(0, "", 0)}
     assert sum(x != y for x, y in zip(captions(a), captions(c))) > len(captions(a)) // 2
     assert a["sugarcrepe/swap_att.json"] != c["sugarcrepe/swap_att.json"]
 
