@@ -73,13 +73,14 @@ def test_scene_graph_entities_attributes_relations(gen):
 
 def test_phrasal_prepositions_are_one_relation(gen):
     for caption, phrase in (("A dog in front of a car.", "in front of"),
+                            ("A small yellow square to the left of a red circle.", "to the left of"),
                             ("A giraffe standing next to a tall tree.", "next to"),
                             ("A large pizza sitting on top of a wooden table.", "on top of")):
         p = gen.parse(caption)
         spans = [caption[s:e] for role, s, e, *_ in p.elements if role == "P"]
         assert phrase in spans, (caption, spans)
         entities = [caption[s:e] for role, s, e, *_ in p.elements if role == "E"]
-        assert not {"front", "top"} & set(entities)  # nouns inside the phrase are not entities
+        assert not {"front", "top", "left"} & set(entities)  # nouns inside the phrase are not entities
 
 
 def test_parts_of_speech_match_the_attribute_ruler():
@@ -227,6 +228,8 @@ def test_swapped_colours_and_nouns():
     assert any(n.text == "The beach riding a horse on a man." for n in phrase)  # the capital stays in front
     art = [n for n in collect(g, "An apple next to a banana", 20) if n.kind == "swap-noun"]
     assert art and art[0].text == "A banana next to an apple"
+    twice = collect(g, "a small green triangle above a small red square", 40)
+    assert twice and not any(re.search(r"\b(\w+) \1\b", n.text) for n in twice)  # never "small small"
 
 
 def test_styles():

@@ -42,7 +42,9 @@ FLAG_CLEANED = 2  # control characters, emoji or HTML entities were blanked befo
 
 # Phrasal prepositions recognised as one relation; their last word is tagged ADP by spaCy.
 PHRASAL_PREPOSITIONS = ("in front of", "on top of", "in the middle of", "in back of", "on the side of", "next to",
-                        "close to", "across from", "inside of", "outside of", "out of", "away from", "ahead of")
+                        "close to", "across from", "inside of", "outside of", "out of", "away from", "ahead of",
+                        "to the left of", "to the right of", "on the left of", "on the right of", "at the top of",
+                        "at the bottom of", "in the center of", "on the edge of")
 _PHRASES_BY_FIRST: dict[str, list[tuple[str, ...]]] = {}
 for _p in sorted(PHRASAL_PREPOSITIONS, key=lambda p: -len(p.split())):
     _PHRASES_BY_FIRST.setdefault(_p.split()[0], []).append(tuple(_p.split()))

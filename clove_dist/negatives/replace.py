@@ -44,7 +44,9 @@ PREPOSITION_GROUPS: tuple[tuple[tuple[str, int], ...], ...] = (
     (("toward", 200), ("towards", 150)),
     (("around", 500),), (("across", 250),), (("along", 250),), (("through", 800),), (("against", 400),),
     (("with", 5500),), (("without", 450),), (("at", 4000),), (("off", 500),), (("past", 150),),
-    (("in the middle of", 40),), (("on the side of", 8),),
+    (("in the middle of", 40), ("in the center of", 10)), (("on the side of", 8), ("on the edge of", 10)),
+    (("to the left of", 10), ("on the left of", 3)), (("to the right of", 10), ("on the right of", 3)),
+    (("at the top of", 20),), (("at the bottom of", 20),),
 )
 
 # Numbers with rough occurrences per million words; both notations, "one" excluded (it would break agreement).

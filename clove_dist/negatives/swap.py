@@ -7,13 +7,15 @@ Kinds, from the spaCy parse (parse.py): two singular or two plural entity nouns 
 "fire hydrant" move whole, and number agreement holds), two adjectives (`swap-adjective`), two noun phrases of two
 or more words (`swap-phrase`):
 "a white dog chasing a black cat" -> "a black dog chasing a white cat" / "a black cat chasing a white dog".
-Pairs whose texts are equal (case-folded) or whose spans overlap are left out. A sentence-initial capital stays at
+Pairs whose texts are equal (case-folded) or whose spans overlap are left out, and so is a swap that puts a word
+twice in a row ("a small small square"). A sentence-initial capital stays at
 the start of the sentence, and an "a"/"an" before either span is corrected. `old` is the first span's text,
 `new` the text that took its place.
 """
 from __future__ import annotations
 
-import random
+import re
+from typing import Any
 
 from .inflect import fix_article
 from .parse import Parse
@@ -21,6 +23,7 @@ from .parse import Parse
 GROUP_KIND = {"noun-sg": "swap-noun", "noun-pl": "swap-noun", "adj": "swap-adjective", "np": "swap-phrase"}
 
 Pair = tuple[str, tuple[int, int], tuple[int, int]]
+_DOUBLED = re.compile(r"\b(\w+) \1\b", re.IGNORECASE)
 
 
 def swap_pairs(caption: str, parse: Parse) -> list[Pair]:
@@ -60,7 +63,7 @@ def apply_swap(caption: str, a: tuple[int, int], b: tuple[int, int]) -> tuple[st
     return before + new_first + middle + new_second + caption[e2:], t1, new_first
 
 
-def draw(caption: str, pairs: list[Pair], rng: random.Random) -> tuple[str, str, str, str] | None:
+def draw(caption: str, pairs: list[Pair], rng: Any) -> tuple[str, str, str, str] | None:
     """(text, kind, old, new) for one uniformly drawn pair, or None when there is none or nothing changed."""
     if not pairs:
         return None
@@ -68,4 +71,7 @@ def draw(caption: str, pairs: list[Pair], rng: random.Random) -> tuple[str, str,
     text, old, new = apply_swap(caption, a, b)
     if text.casefold() == caption.casefold():
         return None
+    doubled = _DOUBLED.search(text)
+    if doubled is not None and doubled.group(0).casefold() not in caption.casefold():
+        return None  # "a small small square": not a sentence a caption writer would produce
     return text, kind, old, new
