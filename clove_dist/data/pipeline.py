@@ -12,7 +12,7 @@ the counts ride along with each batch (`batch["stats"]`) so the trainer can sum 
 Negatives come from `clove_dist.negatives` and depend only on (seed, sample key, epoch). The "epoch" of a sample
 is how many times this worker has drawn its shard before (resampled mode) or the loader epoch (one pass mode), so a
 re-drawn sample gets fresh negatives. When a sidecar of precomputed parses sits next to a shard, it is used and no
-spaCy runs at training time.
+spaCy runs at training time (negatives.sidecar_dir when they were written elsewhere).
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ class SampleBuilder:
         if url != self._sidecar_url:
             from .. import negatives
             self._sidecar_url = url
-            path = negatives.sidecar_path(url)
+            path = negatives.sidecar_path(url, self.neg_cfg.sidecar_dir)
             self._sidecar = negatives.load_sidecar(path) if os.path.exists(path) else None
         return self._sidecar.get(key) if self._sidecar else None
 
