@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         if negs else ""})
 
     ctx = machine_context("cpu")
-    header_line = context_header(ctx)
+    ctx["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other jobs on a shared machine slow even CPU time
+    header_line = context_header(ctx) + f" Load average (1 min) at the end: {ctx['load_avg_1m']}."
     table = markdown_table(rows, ["measure", "captions", "wall_s", "cpu_s", "captions_per_cpu_s",
                                   "captions_per_wall_s"])
     cov_table = markdown_table(coverage, ["kind", "share_with_candidate", "share_of_replace_draws"])
