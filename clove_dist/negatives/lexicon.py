@@ -24,7 +24,8 @@ Candidates for a word (faithful to CLoVe's re-implementation of SugarCrepe's REP
   so the long tail of rare taxa does not outweigh common words;
 - *candidates with capitals or digits (proper names, Latin taxa) and of more than three words are dropped.
 `Lemma.count()` re-reads cntlist.rev on every call (about 245 ms per new word), so the file is loaded into a dict
-once. Tables are cached per process (bounded); the first look-up of a word costs about 1-50 ms.
+once. Tables are cached per process (bounded), and so are the synset families behind them, which words of one
+field share; a word's first look-up costs about 1-50 ms (a few hundred for the widest families, such as "man").
 """
 from __future__ import annotations
 
