@@ -328,7 +328,8 @@ def plot(table: list[dict], args: argparse.Namespace, path: Path) -> None:
                              and e["status"] == "ok" and e["N"] == int(e["R"] * ratio))
                 if not pts:
                     continue
-                label = f"{provider} D={d} N={'R' if ratio == 1 else f'{ratio:g}R'}"
+                negs = "0" if ratio == 0 else ("R" if ratio == 1 else f"{ratio:g}R")
+                label = f"{provider} D={d} N={negs}"
                 ls = styles.get(int(ratio > 0), "-")
                 ax_mem.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=label)
                 if all(p[2] for p in pts):
