@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import clove_kernels
-from clove_kernels.chunked import contrastive_ce_chunked
 from clove_kernels.reference import contrastive_ce_reference
 
 SHAPES = [(r, m, d) for r in (1, 17, 100) for m in (1, 33, 257) for d in (8, 100)]
