@@ -290,7 +290,10 @@ def test_zeroshot_known_top1_and_no_top5_below_five_classes(tmp_path):
 
 
 def test_zeroshot_user_errors(tmp_path):
-    model, tok = TableModel(np.eye(2), np.eye(2)), TableTokenizer(["a", "b"])
+    model = TableModel(np.eye(2), np.eye(2))
+
+    def tok(texts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(texts), 1, dtype=torch.long)
     with pytest.raises(ValueError, match="not found"):
         zeroshot.evaluate(model, id_preprocess, tok, tmp_path / "nowhere")
     (tmp_path / "a").mkdir()
@@ -304,6 +307,11 @@ def test_zeroshot_user_errors(tmp_path):
         zeroshot.evaluate(model, id_preprocess, tok, tmp_path / "b", split="train")
     (tmp_path / "b" / "test" / "nshards.txt").write_text("3\n")
     with pytest.raises(ValueError, match="1.tar does not exist"):
+        zeroshot.evaluate(model, id_preprocess, tok, tmp_path / "b")
+    (tmp_path / "b" / "test" / "nshards.txt").write_text("1\n")
+    shard = tmp_path / "b" / "test" / "0.tar"
+    shard.write_bytes(b"\x00not a tar" * 100)
+    with pytest.raises(ValueError, match="0.tar is not a readable tar file"):
         zeroshot.evaluate(model, id_preprocess, tok, tmp_path / "b")
 
 

@@ -64,26 +64,25 @@ def _samples(shards: list[Path]) -> Iterator[dict[str, bytes]]:
     file name; each sample maps lower-case extension -> bytes."""
     for shard in shards:
         try:
-            tar = tarfile.open(shard)
-        except tarfile.TarError as e:
-            raise ValueError(f"zero-shot shard {shard} is not a readable tar file: {e}") from None
-        with tar:
-            key, sample = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                this = f"{folder}/{stem}"
-                if this != key and sample:
+            with tarfile.open(shard) as tar:
+                key, sample = None, {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, dot, ext = base.partition(".")
+                    if not dot:
+                        continue
+                    this = f"{folder}/{stem}"
+                    if this != key and sample:
+                        yield sample
+                        sample = {}
+                    key = this
+                    sample[ext.lower()] = tar.extractfile(member).read()
+                if sample:
                     yield sample
-                    sample = {}
-                key = this
-                sample[ext.lower()] = tar.extractfile(member).read()
-            if sample:
-                yield sample
+        except (tarfile.TarError, EOFError) as e:
+            raise ValueError(f"zero-shot shard {shard} is not a readable tar file: {e}") from None
 
 
 def _image_batches(shards: list[Path], preprocess: Callable, num_classes: int, batch_size: int,
