@@ -134,6 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table + "\n")
     print(table)
     log(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s; outputs in {out}:")
-    log(f"  world/  runs/base, runs/clove (metrics.jsonl, checkpoints, exports)  patched_alpha*.safetensors  "
-        f"eval_alpha*.json  results.md")
+    log("  world/  runs/base, runs/clove (metrics.jsonl, checkpoints, exports)  patched_alpha*.safetensors  "
+        "eval_alpha*.json  results.md")
     return 0

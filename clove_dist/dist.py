@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -57,10 +59,11 @@ def _slurm_master_addr() -> str:
 def detect() -> tuple[int, int, int, str, int, str]:
     """(rank, world_size, local_rank, master_addr, master_port, launcher) from the environment."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    srun_task = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+    if "RANK" in env and "WORLD_SIZE" in env and not (srun_task and "TORCHELASTIC_RUN_ID" not in env):
         return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                 env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    if srun_task:  # one task per rank; a RANK inherited from the submitting shell does not count
         job = int(env.get("SLURM_JOB_ID", "0"))
         return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                 env.get("MASTER_ADDR") or _slurm_master_addr(),
@@ -70,7 +73,7 @@ def detect() -> tuple[int, int, int, str, int, str]:
 
 def pick_device(device: str, local_rank: int) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device: 'cuda' was asked for but CUDA is not available on this machine")
+        raise UserError("run.device: 'cuda' was asked for but CUDA is not available on this machine")
     if device in ("cuda", "auto") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
@@ -86,7 +89,7 @@ def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
-        raise ValueError("distributed.backend: nccl needs CUDA; use gloo (or auto) on CPU")
+        raise UserError("distributed.backend: nccl needs CUDA; use gloo (or auto) on CPU")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR=addr, MASTER_PORT=str(port))
     if not dist.is_initialized():

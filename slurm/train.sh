@@ -6,7 +6,8 @@
 #   sbatch --ntasks 2 --cpus-per-task 1 slurm/train.sh configs/debug.yaml      # CPU-only debug (gloo)
 #
 # Everything after the config is passed to `clove_dist.train` (e.g. --set optim.lr=1e-5). Resubmitting the same
-# command resumes from the run directory's latest checkpoint. Set CLOVE_PYTHON to choose the interpreter.
+# command resumes from the run directory's latest checkpoint. Set CLOVE_PYTHON to choose the interpreter and
+# CLOVE_MASTER_PORT to choose the rendezvous port (default: 20000 + job id % 20000).
 #SBATCH --job-name=clove
 #SBATCH --ntasks-per-node=8
 #SBATCH --cpus-per-task=8
@@ -28,7 +29,10 @@ if ! getent hosts "$MASTER_ADDR" >/dev/null && [ "${SLURM_JOB_NUM_NODES:-1}" = 1
   MASTER_ADDR=127.0.0.1
 fi
 export MASTER_ADDR
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# The submitting shell's launcher variables (RANK, MASTER_PORT, ... of a torchrun or debug session) must not leak
+# into the tasks: each task's rank comes from SLURM_PROCID, the port from the job id (CLOVE_MASTER_PORT to choose).
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE TORCHELASTIC_RUN_ID
+export MASTER_PORT=${CLOVE_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 PYTHON=${CLOVE_PYTHON:-python3}
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import clove_dist.model  # noqa: F401  (registers clove-micro / clove-tiny with open_clip)
 from clove_dist.cli import main as cli_main
-from clove_dist.patching import PatchError, patch_files, save_state, streaming_writer
+from clove_dist.patching import patch_files, save_state, streaming_writer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from PIL import Image
 
 from clove_dist.config import DataConfig, NegativesConfig
 import clove_dist.model  # noqa: F401  (registers the clove-micro architecture with open_clip)
-from clove_dist.data.pipeline import DataError, build_dataset, caption_of, expand_shards
+from clove_dist.data.pipeline import build_dataset
+from clove_dist.shards import ShardError, caption_of, expand_shards
 
 
 def _jpeg(colour=(200, 30, 30)) -> bytes:
@@ -72,19 +73,21 @@ def test_corrupt_samples_and_shards_are_counted_and_skipped(tmp_path, tools):
     bad_image = ("000000100", {"jpg": b"not a jpeg", "json": json.dumps({"top_caption": "x"}).encode()})
     no_caption = ("000000101", {"jpg": _jpeg(), "json": b"{}"})
     no_image = ("000000102", {"txt": b"caption without image"})
+    bad_json = ("000000103", {"jpg": _jpeg(), "json": b"{truncated"})
     # shard 0 is truncated mid-file (a corrupt shard); shard 1 holds good and bad samples. Shards are read in
     # order here (one pass, no shuffle), so the skips are reported with the batches that follow them.
     truncated = tmp_path / "0.tar"
     _write_shard(truncated, [_sample(f"{i:09d}", f"a green star {i}") for i in range(200, 203)])
     data = truncated.read_bytes()
     truncated.write_bytes(data[: len(data) // 2 + 100])
-    _write_shard(tmp_path / "1.tar", good[:3] + [bad_image, no_caption, no_image] + good[3:] + good[:2])
+    _write_shard(tmp_path / "1.tar", good[:3] + [bad_image, no_caption, no_image, bad_json] + good[3:] + good[:2])
     batches = _batches(f"{tmp_path}/{{0..1}}.tar", tools, 10, fallback_caption_key="")
     stats: dict[str, int] = {}
     for b in batches:
         for k, v in b["stats"].items():
             stats[k] = stats.get(k, 0) + v
     assert stats.get("bad_image") == 1 and stats.get("no_caption") == 1 and stats.get("no_image") == 1
+    assert stats.get("bad_json") == 1
     assert stats.get("corrupt_shard", 0) >= 1
     assert sum(b["num_samples"] for b in batches) == 8  # two whole batches of 4; a partial batch is never formed
 
@@ -102,12 +105,14 @@ def test_negatives_in_batches_are_fixed_size_and_masked(tmp_path, tools):
 
 
 def test_expand_shards_errors(tmp_path):
-    with pytest.raises(DataError, match="is empty"):
+    with pytest.raises(ShardError, match="is empty"):
         expand_shards("")
-    with pytest.raises(DataError, match="matched no shard files"):
+    with pytest.raises(ShardError, match="4 of 4 shard files do not exist"):
         expand_shards(f"{tmp_path}/x-{{0..3}}.tar")
+    with pytest.raises(ShardError, match="matched no shard files"):
+        expand_shards(f"{tmp_path}/x-*.tar")
     (tmp_path / "a-0.tar").write_bytes(b"")
-    with pytest.raises(DataError, match="1 of 2 shards do not exist"):
+    with pytest.raises(ShardError, match="1 of 2 shard files do not exist"):
         expand_shards(f"{tmp_path}/a-{{0..1}}.tar")
     assert expand_shards(f"{tmp_path}/a-0.tar::{tmp_path}/a-*.tar") == [f"{tmp_path}/a-0.tar"] * 2
 
@@ -116,3 +121,5 @@ def test_caption_of():
     s = {"json": b'{"top_caption": "  a cat  "}', "txt": b"alt"}
     assert caption_of(s, "json.top_caption") == "a cat"
     assert caption_of(s, "json.missing") == "" and caption_of(s, "txt") == "alt"
+    with pytest.raises(ValueError):
+        caption_of({"json": b"{not json"}, "json.top_caption")  # the pipeline counts it as bad_json

@@ -83,7 +83,7 @@ def test_user_mistakes_are_one_line(world, tmp_path, capsys):
     assert cli_main(_args(world, tmp_path, "--set", "optim.lrr=1")) == 2
     assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
     assert cli_main(_args(world, tmp_path, "--set", f"data.train_shards={tmp_path}/none-{{0..3}}.tar")) == 2
-    assert "matched no shard files" in capsys.readouterr().err
+    assert "4 of 4 shard files do not exist" in capsys.readouterr().err
     wrong = open_clip.create_model("clove-tiny")
     torch.save(wrong.state_dict(), tmp_path / "tiny.pt")
     assert cli_main(_args(world, tmp_path, "--set", f"model.pretrained={tmp_path}/tiny.pt")) == 2

@@ -16,52 +16,22 @@ spaCy runs at training time (negatives.sidecar_dir when they were written elsewh
 """
 from __future__ import annotations
 
-import glob
 import io
-import json
 import os
 from collections import Counter
 from typing import Any, Callable, Iterator
 
-import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
 
 from ..config import DataConfig, NegativesConfig
-from ..errors import UserError
 from ..log import log
+from ..shards import caption_of, expand_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS = 5  # per worker; every skip is counted either way
 NEGATIVES_CHUNK = 64  # samples whose captions are parsed in one spaCy call when no sidecar has them (3-4x faster)
-
-
-class DataError(UserError):
-    """A user mistake about the data: no shards, unreadable pattern."""
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Expand '::'-separated brace patterns (and globs) into shard paths; DataError if any part matches nothing."""
-    if not pattern.strip():
-        raise DataError("data.train_shards is empty: give a shard pattern such as /data/{00000..00099}.tar")
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        for url in braceexpand.braceexpand(part.strip()):
-            if "://" in url or url.startswith("pipe:"):
-                urls.append(url)
-            elif any(c in url for c in "*?["):
-                urls.extend(sorted(glob.glob(url)))
-            else:
-                urls.append(url)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.isfile(u)]
-    if not urls or len(missing) == len(urls):
-        raise DataError(f"data.train_shards: {pattern!r} matched no shard files")
-    if missing:
-        raise DataError(f"data.train_shards: {len(missing)} of {len(urls)} shards do not exist "
-                        f"(first: {missing[0]})")
-    return urls
 
 
 class SkipCounter:
@@ -85,21 +55,6 @@ class SkipCounter:
         out = dict(self.counts)
         self.counts.clear()
         return out
-
-
-def caption_of(sample: dict[str, Any], key: str) -> str:
-    """Caption by key: 'json.<field>' reads a field of the JSON part, anything else a text part by extension."""
-    if key.startswith("json."):
-        raw = sample.get("json")
-        if raw is None:
-            return ""
-        meta = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
-        value = meta.get(key[5:]) if isinstance(meta, dict) else None
-        return value.strip() if isinstance(value, str) else ""
-    raw = sample.get(key)
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", errors="replace")
-    return raw.strip() if isinstance(raw, str) else ""
 
 
 class SampleBuilder:
@@ -155,9 +110,13 @@ class SampleBuilder:
         if image_bytes is None:
             self.skips.skip("no_image", f"{url}:{key}")
             return None
-        caption = caption_of(sample, self.data_cfg.caption_key)
-        if not caption and self.data_cfg.fallback_caption_key:
-            caption = caption_of(sample, self.data_cfg.fallback_caption_key)
+        try:
+            caption = caption_of(sample, self.data_cfg.caption_key)
+            if not caption and self.data_cfg.fallback_caption_key:
+                caption = caption_of(sample, self.data_cfg.fallback_caption_key)
+        except ValueError as e:  # a JSON part that is not JSON
+            self.skips.skip("bad_json", f"{url}:{key}: {e}")
+            return None
         if not caption:
             self.skips.skip("no_caption", f"{url}:{key}")
             return None

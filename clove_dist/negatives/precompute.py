@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import glob
-import json
 import multiprocessing
 import os
 import re
@@ -28,50 +26,14 @@ from collections import Counter
 from typing import Any, Iterator
 
 from ..config import ConfigError, NegativesConfig, load_config
-from ..errors import UserError, entry_point
+from ..errors import entry_point
 from ..log import log
+from ..shards import caption_of, expand_shards
 from .parse import SceneParser
 from .sidecar import SidecarWriter, header, load_sidecar, sidecar_path
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split of a member name into key and extension
 _PARSERS: dict[tuple[str, int, int], SceneParser] = {}
-
-
-class ShardError(UserError):
-    """The shard pattern matches nothing, or names files that are missing."""
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """'::'-separated brace patterns and globs -> existing shard paths, in order, without repeats."""
-    import braceexpand
-    if not pattern.strip():
-        raise ShardError("--shards is empty: give a pattern such as /data/{00000..00099}.tar")
-    paths: list[str] = []
-    for part in pattern.split("::"):
-        for item in braceexpand.braceexpand(part.strip()):
-            if any(c in item for c in "*?["):
-                paths.extend(sorted(glob.glob(item)))
-            else:
-                paths.append(item)
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
-        first = f" (first missing: {missing[0]})" if missing else ""
-        raise ShardError(f"--shards {pattern!r}: {len(missing)} of {len(paths)} shard files do not exist{first}"
-                         if paths else f"--shards {pattern!r} matched no shard files")
-    return list(dict.fromkeys(paths))
-
-
-def caption_from(parts: dict[str, bytes], key: str) -> str:
-    """The caption by key, as the data pipeline reads it: 'json.<field>' or a text part by extension."""
-    if key.startswith("json."):
-        raw = parts.get("json")
-        if raw is None:
-            return ""
-        meta = json.loads(raw)  # ValueError on a broken file: the caller counts it
-        value = meta.get(key[5:]) if isinstance(meta, dict) else None
-        return value.strip() if isinstance(value, str) else ""
-    raw = parts.get(key)
-    return raw.decode("utf-8", errors="replace").strip() if raw is not None else ""
 
 
 def iter_samples(path: str, wanted: set[str], counts: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -130,13 +92,13 @@ def process_shard(shard: str, out_path: str, settings: dict[str, Any]) -> dict[s
     try:
         for key, parts in iter_samples(shard, wanted, counts):
             try:
-                caption = caption_from(parts, settings["caption_key"])
+                caption = caption_of(parts, settings["caption_key"])
             except ValueError:
                 counts["num_bad_json"] += 1
                 caption = ""
             if not caption and settings["fallback_caption_key"]:
                 try:
-                    caption = caption_from(parts, settings["fallback_caption_key"])
+                    caption = caption_of(parts, settings["fallback_caption_key"])
                 except ValueError:
                     caption = ""
             if not caption:
@@ -203,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = _settings(args)
-    shards = expand_shards(args.shards)
+    shards = expand_shards(args.shards, option="--shards", unique=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     jobs, totals = [], Counter()
