@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,6 +31,8 @@ from ..shards import caption_of, expand_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS = 5  # per worker; every skip is counted either way
+# The shuffle buffer interleaves samples of several shards: keep the sidecars of the most recent ones loaded.
+SIDECARS_KEPT = 16
 NEGATIVES_CHUNK = 64  # samples whose captions are parsed in one spaCy call when no sidecar has them (3-4x faster)
 
 
@@ -70,8 +72,7 @@ class SampleBuilder:
         self.resampled = data_cfg.resampled
         self.skips = SkipCounter()
         self._generator = None
-        self._sidecar_url: str | None = None
-        self._sidecar: dict[str, Any] | None = None
+        self._sidecars: OrderedDict[str, dict[str, Any] | None] = OrderedDict()  # by shard URL, least recent first
         self._draws: Counter[str] = Counter()
         self._last_neg_stats: dict[str, int] = {}
 
@@ -85,12 +86,15 @@ class SampleBuilder:
     def _parse_for(self, url: str, key: str) -> Any:
         if not self.neg_cfg.use_sidecar:
             return None
-        if url != self._sidecar_url:
+        if url not in self._sidecars:
             from .. import negatives
-            self._sidecar_url = url
             path = negatives.sidecar_path(url, self.neg_cfg.sidecar_dir)
-            self._sidecar = negatives.load_sidecar(path) if os.path.exists(path) else None
-        return self._sidecar.get(key) if self._sidecar else None
+            self._sidecars[url] = negatives.load_sidecar(path) if os.path.exists(path) else None
+            if len(self._sidecars) > SIDECARS_KEPT:
+                self._sidecars.popitem(last=False)
+        self._sidecars.move_to_end(url)
+        sidecar = self._sidecars[url]
+        return sidecar.get(key) if sidecar else None
 
     def stamp_epochs(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Before shuffling: mark each sample with its negatives epoch (see the module docstring)."""
