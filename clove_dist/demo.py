@@ -8,7 +8,8 @@
 2. base       a small CLIP (clove-tiny) trained from scratch without negatives: it stands in for the pre-trained
               OpenAI weights, which no one can download here
 3. negatives  `clove-dist negatives`: the captions are parsed once and the parses written next to each shard
-4. clove      fine-tuning from the base weights with REPLACE hard negatives (the same trainer as `clove-dist train`)
+4. clove      fine-tuning from the base weights with hard negatives, REPLACE and NegCLIP-style swaps (the same
+              trainer as `clove-dist train`; swaps test attribute binding, which this world's captions exercise)
 5. patch      w = (1 - alpha) * base + alpha * fine-tuned for alpha 0, 0.6 and 1
 6. eval       each model on the SugarCrepe-format set and zero-shot classification
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-train", type=int, default=8000, help="training images in the synthetic world")
     ap.add_argument("--num-eval", type=int, default=100, help="SugarCrepe-format examples per subset")
     ap.add_argument("--base-steps", type=int, default=400, help="steps of base (pre-)training, no negatives")
-    ap.add_argument("--clove-steps", type=int, default=150, help="steps of CLoVe fine-tuning with negatives")
+    ap.add_argument("--clove-steps", type=int, default=200, help="steps of CLoVe fine-tuning with negatives")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of both trainings")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training")
     ap.add_argument("--seed", type=int, default=0)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"4/6 clove: fine-tune from base with REPLACE negatives, {args.clove_steps} steps")
+    t = _stage(f"4/6 clove: fine-tune from base with hard negatives, {args.clove_steps} steps")
     clove = _train(config, common + [
         "run.name=clove", f"data.train_shards={world.train_pattern}", f"model.pretrained={base_weights}",
         f"train.total_samples={args.clove_steps * args.batch_size}"])
