@@ -45,13 +45,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.sugarcrepe or args.zeroshot):
         raise UserError("eval: give --sugarcrepe DIR and/or --zeroshot DIR")
-    import torch
-
     from . import model as cmodel
     from .config import ModelConfig
+    from .dist import pick_device
     from .eval import evaluate_all
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device, local_rank=0)
     clip, _, preprocess, tokenizer = cmodel.create(ModelConfig(name=args.model, pretrained=args.pretrained), device)
     try:
         results = evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=args.sugarcrepe,

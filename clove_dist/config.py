@@ -37,7 +37,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "ViT-B-32"  # open_clip architecture, or one of clove_dist.model.TINY_CONFIGS
+    name: str = "ViT-B-32"  # open_clip architecture, or clove-tiny / clove-micro (clove_dist/model_configs)
     pretrained: str = ""  # open_clip tag (e.g. openai), a local .pt/.bin/.safetensors path, or "" for random init
     precision_init: str = "fp32"  # dtype the weights are created in before the engine casts them
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.perf_counter()
     out = Path(args.out).resolve()
+    shutil.rmtree(out / "runs", ignore_errors=True)  # a demo starts afresh: never resume an earlier demo's runs
     config = packaged_config("demo")
     common = [f"run.output_dir={out / 'runs'}", f"data.batch_size={args.batch_size}",
               f"data.num_workers={args.workers}", f"run.seed={args.seed}", "patching.alphas=[]"]
@@ -117,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   loss {clove['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("5/6 patch: alpha 0, 0.6, 1")
-    from .patching import patch_files
-    patched = {a: str(patch_files(base_weights, clove_weights, a, str(out / f"patched_alpha{a:.1f}.safetensors"),
-                                  progress=False)) for a in ALPHAS}
+    from .patching import patch_files, patched_name
+    patched = {a: str(patch_files(base_weights, clove_weights, a, str(out / patched_name(a)), progress=False))
+               for a in ALPHAS}
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("6/6 eval: SugarCrepe-format set and zero-shot classification")
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         name = {0.0: "base (alpha 0)", 1.0: "fine-tuned (alpha 1)"}.get(a, f"CLoVe (alpha {a})")
         res = _evaluate(patched[a], world, batch_size=128)
         rows.append(_row(name, res))
-        (out / f"eval_alpha{a:.1f}.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / f"eval_alpha{a:g}.json").write_text(json.dumps(res, indent=2) + "\n")
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
     table = format_table(rows)

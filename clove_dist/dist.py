@@ -67,8 +67,13 @@ def detect() -> tuple[int, int, int, str, int, str]:
         job = int(env.get("SLURM_JOB_ID", "0"))
         return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                 env.get("MASTER_ADDR") or _slurm_master_addr(),
-                int(env.get("MASTER_PORT") or 29500 + job % 1000), "slurm")
+                int(env.get("MASTER_PORT") or default_port(job)), "slurm")
     return 0, 1, 0, "127.0.0.1", _free_port(), "single"
+
+
+def default_port(job_id: int) -> int:
+    """Rendezvous port of a SLURM job without MASTER_PORT; slurm/train.sh computes the same."""
+    return 20000 + job_id % 20000
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:
@@ -99,6 +104,15 @@ def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
         # in the same process (the demo, tests) must find the same one.
         atexit.register(teardown)
     return DistEnv(rank, world, local_rank, addr, port, launcher, dev)
+
+
+def from_rank0(fn):
+    """fn() evaluated on rank 0 and broadcast, so that every rank takes the same branch (e.g. of a file read)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def teardown() -> None:

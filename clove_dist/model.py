@@ -26,7 +26,6 @@ from .config import ModelConfig
 from .errors import UserError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-TINY_CONFIGS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -117,16 +116,6 @@ def restore_shapes(state: dict[str, torch.Tensor], original: dict[str, torch.Siz
         if name in out:
             out[name] = out[name].reshape(shape)
     return out
-
-
-def scalar_param_shapes(name: str) -> dict[str, torch.Size]:
-    """Shapes open_clip's architecture `name` gives its scalar parameters (logit_scale, logit_bias)."""
-    cfg = model_config(name)
-    shape = torch.Size([1]) if cfg.get("nonscalar_logit_scale") else torch.Size([])
-    shapes = {"logit_scale": shape}
-    if cfg.get("init_logit_bias") is not None:
-        shapes["logit_bias"] = shape
-    return shapes
 
 
 def write_export_config(directory: str | os.PathLike, name: str) -> Path:

@@ -90,6 +90,11 @@ class TensorSource(Mapping):
         return tuple(t.shape), t.dtype
 
 
+def patched_name(alpha: float) -> str:
+    """File name of the weights patched at `alpha`: distinct for distinct alphas (0.6 -> patched_alpha0.6...)."""
+    return f"patched_alpha{check_alpha(alpha):g}.safetensors"
+
+
 def check_alpha(alpha: float) -> float:
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
         raise PatchError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -217,15 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetuned", required=True, help="fine-tuned weights of the same architecture")
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.6], help="interpolation weight(s) of the fine-tuned")
     ap.add_argument("--out", required=True,
-                    help="output .safetensors (with several alphas: a directory receiving patched_alpha<A>.safetensors)")
+                    help="output .safetensors (several alphas: a directory receiving patched_alpha<A>.safetensors)")
     args = ap.parse_args(argv)
     outs = []
     if len(args.alpha) == 1 and str(args.out).endswith(".safetensors"):
         outs.append(patch_files(args.pretrained, args.finetuned, args.alpha[0], args.out))
     else:
         for a in args.alpha:
-            outs.append(patch_files(args.pretrained, args.finetuned, a,
-                                    str(Path(args.out) / f"patched_alpha{check_alpha(a):.2f}.safetensors")))
+            outs.append(patch_files(args.pretrained, args.finetuned, a, str(Path(args.out) / patched_name(a))))
     for p in outs:
         print(p)
     return 0

@@ -117,7 +117,7 @@ def clamp_logit_scale(param: nn.Parameter, max_logit_scale: float) -> None:
     """Clamp the master copy of logit_scale (a clamp of p.data alone is undone by ZeRO's fp32 master weights)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
     ceiling = math.log(max_logit_scale)
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+    if _zero_managed(param):
         value = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank calls it
         if value is not None and float(value.max()) > ceiling:
             safe_set_full_fp32_param(param, value.clamp(max=ceiling))
@@ -126,13 +126,22 @@ def clamp_logit_scale(param: nn.Parameter, max_logit_scale: float) -> None:
             param.clamp_(max=ceiling)
 
 
-def full_state_dict(engine: Any, clip: nn.Module, original_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """fp32 weights of every parameter, gathered from the ZeRO partitions; every rank calls, rank 0 uses it."""
+def _zero_managed(p: nn.Parameter) -> bool:
+    """Whether ZeRO (ds_id, stage 3) or a DeepSpeed optimizer (_hp_mapping) holds this parameter's master copy."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def full_state_dict(clip: nn.Module, original_shapes: dict[str, torch.Size], keep: bool) -> dict[str, torch.Tensor]:
+    """fp32 weights of every parameter, gathered from the ZeRO partitions: every rank takes part in the gather,
+    only the rank with keep=True (rank 0) keeps a CPU copy."""
     from deepspeed.utils import safe_get_full_fp32_param
     state: dict[str, torch.Tensor] = {}
     for name, p in clip.named_parameters():
-        value = safe_get_full_fp32_param(p) if (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")) else None
-        state[name] = (p.detach() if value is None else value).float().cpu().clone()
+        value = safe_get_full_fp32_param(p) if _zero_managed(p) else None
+        if keep:
+            state[name] = (p.detach() if value is None else value).float().cpu().clone()
+    if not keep:
+        return {}
     for name, b in clip.named_buffers():
         module_name, _, attr = name.rpartition(".")
         owner = clip.get_submodule(module_name) if module_name else clip
@@ -171,6 +180,9 @@ class Checkpointer:
 def resume_dir(cfg: Config, ckpt: Checkpointer) -> tuple[Path, str] | None:
     mode = cfg.checkpoint.resume
     if mode == "none":
+        if ckpt.latest():
+            raise UserError(f"checkpoint.resume: none, but {ckpt.directory} already holds checkpoints of an earlier "
+                            f"run; choose another run.name or output_dir, or resume (checkpoint.resume: auto)")
         return None
     if mode == "auto":
         tag = ckpt.latest()
@@ -185,17 +197,18 @@ def resume_dir(cfg: Config, ckpt: Checkpointer) -> tuple[Path, str] | None:
 
 def export(cfg: Config, run_dir: Path, state: dict[str, torch.Tensor]) -> list[Path]:
     """Write finetuned + patched safetensors (rank 0 only); returns the written paths."""
-    from .patching import interpolate_state, save_state
+    from .patching import interpolate_state, patched_name, save_state
     out = run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     written = [save_state(state, out / "finetuned.safetensors", {"model": cfg.model.name})]
     cmodel.write_export_config(out, cfg.model.name)
     if cfg.patching.alphas:
+        torch.manual_seed(cfg.run.seed)  # with no pretrained weights: the same random init training started from
         base, *_ = cmodel.create(cfg.model)  # the weights training started from (tag or local file)
         pre = {k: v.float() for k, v in base.state_dict().items()}
         for alpha in cfg.patching.alphas:
             patched = interpolate_state(pre, state, alpha)
-            written.append(save_state(patched, out / f"patched_alpha{alpha:.2f}.safetensors",
+            written.append(save_state(patched, out / patched_name(alpha),
                                       {"model": cfg.model.name, "alpha": str(alpha)}))
     return written
 
@@ -233,9 +246,8 @@ def train(cfg: Config) -> dict[str, Any]:
     clip, preprocess_train, _, tokenizer = cmodel.create(cfg.model)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    if env.is_main:
-        ckpt.directory.mkdir(parents=True, exist_ok=True)
-        write_run_config(cfg, run_dir, ckpt.latest())
+    found = cdist.from_rank0(lambda: resume_dir(cfg, ckpt))  # every rank acts on rank 0's reading of the disk
+    log(f"{env.launcher}: {env.world_size} rank(s) on {env.device}; run directory {run_dir}")
     original_shapes = cmodel.make_deepspeed_safe(clip)
     step_module = TrainStep(clip, ContrastiveLoss(cfg.loss.impl, cfg.loss.max_logit_scale, cfg.loss.chunk_size))
     global_batch = cfg.data.batch_size * env.world_size
@@ -252,31 +264,47 @@ def train(cfg: Config) -> dict[str, Any]:
                                            config=ds_cfg, dist_init_required=False)
 
     step, samples_seen, skipped = 0, 0, {}
-    found = resume_dir(cfg, ckpt)
     if found:
-        load_path, client = engine.load_checkpoint(str(found[0]), tag=found[1])
+        where = found[0] / found[1]
+        try:
+            load_path, client = engine.load_checkpoint(str(found[0]), tag=found[1])
+            step, samples_seen = client["step"], client["samples_seen"]
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise UserError(f"checkpoint {where} cannot resume this run ({cfg.model.name}): "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
         if load_path is None:
-            raise UserError(f"checkpoint {found[0] / found[1]} could not be loaded")
-        step, samples_seen = client["step"], client["samples_seen"]
-        skipped = dict(client.get("skipped", {}))
+            raise UserError(f"checkpoint {where} could not be loaded")
+        # the counts saved are already summed over ranks: rank 0 carries them on, the others start at zero
+        skipped = dict(client.get("skipped", {})) if env.is_main else {}
         log(f"resumed from {load_path} at step {step}")
+    if env.is_main:
+        ckpt.directory.mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg, run_dir, found[1] if found else None)
 
-    # The shard stream of a resumed run is seeded by where it resumes, so it does not replay the same samples.
+    # The shard stream of a resumed run is seeded by where it resumes: resampled draws and one-pass shard orders
+    # differ from the first run's (a one-pass epoch cut by the resume is not finished).
     loader = build_loader(cfg.data, cfg.negatives, preprocess_train, tokenizer,
                           seed=cfg.run.seed * 1_000_003 + step, epoch=step)
     metrics_path = run_dir / "metrics.jsonl"
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not env.is_main, dynamic_ncols=True)
     loss_value = float("nan")
+    saved_step = step if found else -1
     window_t, window_samples = time.perf_counter(), 0
+    batches_from_loader = 0
     batches = iter(loader)
     while step < total_steps:
         try:
             batch = next(batches)
         except StopIteration:  # one-pass mode: start the next epoch
+            if batches_from_loader == 0:
+                raise UserError(f"data.train_shards gave rank {env.rank} no full batch of {cfg.data.batch_size} "
+                                f"(one pass over the shards, {env.world_size} rank(s), {cfg.data.num_workers} "
+                                f"worker(s) each): too few samples or shards, or every sample skipped") from None
             loader = build_loader(cfg.data, cfg.negatives, preprocess_train, tokenizer,
                                   seed=cfg.run.seed * 1_000_003 + step, epoch=step)
-            batches = iter(loader)
+            batches, batches_from_loader = iter(loader), 0
             continue
+        batches_from_loader += 1
         for k, v in batch["stats"].items():
             skipped[k] = skipped.get(k, 0) + v
         lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
@@ -304,21 +332,22 @@ def train(cfg: Config) -> dict[str, Any]:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{loss_value:.4f}", scale=f"{float(scale):.1f}")
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
-            ckpt.save(engine, step, {"step": step, "samples_seen": samples_seen, "skipped": skipped})
+            ckpt.save(engine, step, {"step": step, "samples_seen": samples_seen,
+                                     "skipped": cdist.merge_counts(skipped)})
+            saved_step = step
     bar.close()
-    if ckpt.latest() != f"step{step:09d}":
-        ckpt.save(engine, step, {"step": step, "samples_seen": samples_seen, "skipped": skipped})
+    if saved_step != step:
+        ckpt.save(engine, step, {"step": step, "samples_seen": samples_seen, "skipped": cdist.merge_counts(skipped)})
 
     written: list[Path] = []
     if cfg.patching.export:
-        state = full_state_dict(engine, clip, original_shapes)
+        state = full_state_dict(clip, original_shapes, keep=env.is_main)
         if env.is_main:
             written = export(cfg, run_dir, state)
             log("exported: " + ", ".join(str(p) for p in written))
-        cdist.barrier()
+    # Only rank 0 evaluates; the other ranks leave rather than wait in a collective that could time out.
     if env.is_main and written and (cfg.eval.sugarcrepe_dir or cfg.eval.zeroshot_dir):
         evaluate_exports(cfg, run_dir, written, env.device)
-    cdist.barrier()
     return {"steps": step, "samples": samples_seen, "loss": loss_value, "run_dir": str(run_dir),
             "exports": [str(p) for p in written], "skipped": skipped}
 

@@ -20,7 +20,7 @@ def test_small_demo(tmp_path, capsys):
     assert table.strip() in captured.out  # the table printed is the one written
     rows = table.strip().splitlines()
     assert len(rows) == 5 and "base (alpha 0)" in rows[2] and "CLoVe (alpha 0.6)" in rows[3]
-    for a in ("0.0", "0.6", "1.0"):
+    for a in ("0", "0.6", "1"):
         res = json.loads((out / f"eval_alpha{a}.json").read_text())
         assert 0.0 <= res["sugarcrepe"]["average"] <= 1.0 and 0.0 <= res["zeroshot"]["top1"] <= 1.0
         assert (out / f"patched_alpha{a}.safetensors").is_file()

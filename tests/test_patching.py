@@ -49,8 +49,8 @@ def test_patch_cli_and_errors(pair, tmp_path, capsys):
     assert (tmp_path / "c.safetensors").is_file()
     assert cli_main(["patch", "--pretrained", str(d / "a.safetensors"), "--finetuned", str(d / "b.pt"),
                      "--alpha", "0", "0.5", "--out", str(tmp_path / "sweep")]) == 0
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["patched_alpha0.00.safetensors",
-                                                                       "patched_alpha0.50.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["patched_alpha0.5.safetensors",
+                                                                       "patched_alpha0.safetensors"]
     capsys.readouterr()
 
     other = tmp_path / "tiny.safetensors"

@@ -46,7 +46,7 @@ def test_train_checkpoint_export_resume(world, tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
     # training moved the weights away from the initialisation that patching interpolates from
-    patched = load_file(str(run / "export" / "patched_alpha0.50.safetensors"))
+    patched = load_file(str(run / "export" / "patched_alpha0.5.safetensors"))
     w = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert not torch.equal(patched[w], state[w])
 
@@ -106,7 +106,7 @@ def test_training_evaluates_its_exports_and_eval_cli(world, tmp_path, capsys):
                  "--set", f"eval.zeroshot_dir={world.zeroshot_dir}", "--set", "run.name=evaluated")
     assert cli_main(args) == 0
     results = json.loads((tmp_path / "evaluated" / "eval.json").read_text())
-    assert sorted(results) == ["finetuned.safetensors", "patched_alpha0.50.safetensors"]
+    assert sorted(results) == ["finetuned.safetensors", "patched_alpha0.5.safetensors"]
     fine = tmp_path / "evaluated" / "export" / "finetuned.safetensors"
     capsys.readouterr()
     out = tmp_path / "cli.json"
@@ -120,3 +120,23 @@ def test_training_evaluates_its_exports_and_eval_cli(world, tmp_path, capsys):
     assert cli_main(["eval", "--model", "clove-micro", "--sugarcrepe", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: eval:") and err.count("\n") == 1
+
+
+def test_misconfigured_data_and_resume_are_one_line(world, tmp_path, capsys):
+    # every sample skipped (no such caption field, no fallback): stop with one line instead of waiting for ever
+    args = _args(world, tmp_path, "--set", "data.caption_key=json.nope", "--set", "data.fallback_caption_key=",
+                 "--set", "train.max_steps=2", "--set", "run.name=nocaption")
+    assert cli_main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: 10000 samples in a row were skipped (last: no_caption")
+    # one pass over too few samples for one batch
+    args = _args(world, tmp_path, "--set", "data.resampled=false", "--set", "data.batch_size=1000",
+                 "--set", "train.max_steps=2", "--set", "run.name=toofew")
+    assert cli_main(args) == 2
+    assert "gave rank 0 no full batch of 1000" in capsys.readouterr().err
+    # resume: none over a directory that holds an earlier run's checkpoints
+    assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=1", "--set", "run.name=again")) == 0
+    capsys.readouterr()
+    assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=1", "--set", "run.name=again",
+                          "--set", "checkpoint.resume=none")) == 2
+    assert "already holds checkpoints of an earlier run" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def test_zero2_and_zero3_export_the_same_weights(runs):
         # fp32 sums over the same numbers in a different order (bucketed all-reduce vs reduce-scatter) differ by
         # a few ulps per step; 4 Adam steps of lr 5e-4 keep the difference far below 1e-5
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    patched2 = load_file(str(runs[2] / "export" / "patched_alpha0.60.safetensors"))
-    patched3 = load_file(str(runs[3] / "export" / "patched_alpha0.60.safetensors"))
+    patched2 = load_file(str(runs[2] / "export" / "patched_alpha0.6.safetensors"))
+    patched3 = load_file(str(runs[3] / "export" / "patched_alpha0.6.safetensors"))
     for k in patched2:
         torch.testing.assert_close(patched2[k], patched3[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -27,12 +27,13 @@ from PIL import Image
 
 from ..config import DataConfig, NegativesConfig
 from ..log import log
-from ..shards import caption_of, expand_shards
+from ..shards import ShardError, caption_of, expand_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS = 5  # per worker; every skip is counted either way
 # The shuffle buffer interleaves samples of several shards: keep the sidecars of the most recent ones loaded.
 SIDECARS_KEPT = 16
+MAX_SKIPS_IN_A_ROW = 10_000  # a stream of nothing but skips is a misconfiguration, not bad luck: stop with one line
 NEGATIVES_CHUNK = 64  # samples whose captions are parsed in one spaCy call when no sidecar has them (3-4x faster)
 
 
@@ -42,15 +43,24 @@ class SkipCounter:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self._warned = 0
+        self.in_a_row = 0  # reset by every sample that is kept
 
     def skip(self, kind: str, detail: str) -> None:
         self.counts[kind] += 1
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_SKIPS_IN_A_ROW:
+            raise ShardError(f"{self.in_a_row} samples in a row were skipped (last: {kind}, {detail}); check "
+                             f"data.caption_key / data.fallback_caption_key and the shards")
+        self._warn(kind, detail)
+
+    def _warn(self, kind: str, detail: str) -> None:
         if self._warned < MAX_WARNINGS:
             self._warned += 1
             log(f"WARNING: skipped {kind}: {detail}", all_ranks=True)
 
     def handler(self, exn: Exception) -> bool:
-        self.skip("corrupt_shard", f"{type(exn).__name__}: {exn}")
+        self.counts["corrupt_shard"] += 1  # a whole shard: not counted towards MAX_SKIPS_IN_A_ROW
+        self._warn("corrupt_shard", f"{type(exn).__name__}: {exn}")
         return True
 
     def take(self) -> dict[str, int]:
@@ -104,7 +114,8 @@ class SampleBuilder:
             if url != current:  # a new shard, or a new draw of the same one, starts
                 current = url
                 self._draws[url] += 1
-            sample["__epoch__"] = self._draws[url] - 1 if self.resampled else self.epoch
+            # offset by the loader's epoch (the step a resumed run starts at): redraws after a resume are fresh too
+            sample["__epoch__"] = self.epoch + (self._draws[url] - 1 if self.resampled else 0)
             yield sample
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
@@ -130,6 +141,7 @@ class SampleBuilder:
         except Exception as e:  # any undecodable image is a skipped sample
             self.skips.skip("bad_image", f"{url}:{key}: {type(e).__name__}")
             return None
+        self.skips.in_a_row = 0
         return {"image": image, "caption": caption, "key": key, "epoch": sample.get("__epoch__", self.epoch),
                 "parse": self._parse_for(url, key) if self.generator is not None else None}
 
@@ -206,7 +218,7 @@ def build_dataset(data_cfg: DataConfig, neg_cfg: NegativesConfig, preprocess: Ca
     if data_cfg.resampled:
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        stages = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
     stages += [
         wds.tarfile_to_samples(handler=builder.skips.handler),
         builder.stamp_epochs,
