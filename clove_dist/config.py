@@ -98,6 +98,11 @@ class DistributedConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     precision: str = "bf16"  # bf16 | fp16 | fp32 (fp32 on CPU)
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: parameters this small stay whole on every rank
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket (DeepSpeed's meaning)
+    overlap_comm: str = "auto"  # auto (DeepSpeed: on for stage 3) | true | false: overlap reduction with backward
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto (= precision): dtype gradients are reduced in
+    timeout_minutes: int = 30  # collective timeout; a rank that waits longer fails instead of hanging
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "constant"),
     "distributed.precision": ("bf16", "fp16", "fp32"),
     "distributed.backend": ("auto", "nccl", "gloo"),
+    "distributed.overlap_comm": ("auto", "true", "false"),
+    "distributed.grad_reduce_dtype": ("fp32", "bf16", "fp16", "auto"),
     "model.precision_init": ("fp32", "bf16", "fp16"),
 }
 
@@ -196,6 +203,8 @@ def _coerce(dotted: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML reads `true` as a bool; string keys with true/false choices want text
+            return "true" if value else "false"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{dotted}: expected a string, got {value!r}")
         return str(value)
@@ -256,11 +265,13 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
-    positive = ["data.batch_size", "negatives.max_per_caption", "loss.chunk_size", "train.total_samples",
+    positive = ["distributed.reduce_bucket_size", "distributed.timeout_minutes", "data.batch_size",
+                "negatives.max_per_caption", "loss.chunk_size", "train.total_samples",
                 "eval.batch_size", "loss.max_logit_scale"]
     non_negative = ["data.num_workers", "data.shuffle_buffer", "optim.warmup_steps", "optim.grad_clip",
                     "optim.weight_decay", "train.max_steps", "checkpoint.every_steps", "run.log_every",
-                    "data.max_negatives_per_batch", "negatives.max_caption_chars"]
+                    "distributed.stage3_param_persistence_threshold", "data.max_negatives_per_batch",
+                    "negatives.max_caption_chars"]
     for dotted in positive + non_negative:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)

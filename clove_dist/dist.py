@@ -11,7 +11,9 @@ sees it: nccl on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ class DistEnv:
     master_port: int
     launcher: str  # slurm | torchrun | single
     device: torch.device
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -76,19 +79,60 @@ def default_port(job_id: int) -> int:
     return 20000 + job_id % 20000
 
 
-def pick_device(device: str, local_rank: int) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device: 'cuda' was asked for but CUDA is not available on this machine")
+def tasks_on_this_node(world_size: int) -> int:
+    """How many ranks share this node, from the launcher (SLURM_TASKS_PER_NODE such as "2(x3),1", or torchrun's
+    LOCAL_WORLD_SIZE); the whole world for a single process or an unknown launcher."""
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if spec and "SLURM_PROCID" in env:
+        counts: list[int] = []
+        for part in spec.split(","):
+            m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+            if not m:
+                return world_size
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+        node = int(env.get("SLURM_NODEID", 0))
+        return counts[node] if node < len(counts) else counts[-1]
+    return world_size
+
+
+def gpus_requested() -> str | None:
+    """Why this process was meant to run on GPUs (a SLURM allocation with GPUs), or None."""
+    env = os.environ
+    for var in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_JOB_GPUS",
+                "SLURM_STEP_GPUS"):
+        value = env.get(var, "").strip()
+        if value and value not in ("0", "(null)"):
+            return f"the SLURM allocation has GPUs ({var}={value})"
+    return None
+
+
+def cuda_index(local_rank: int, local_world_size: int, device_count: int) -> int:
+    """The GPU of a rank; refuses to put two ranks of one node on the same GPU."""
+    if local_world_size > device_count:
+        raise UserError(f"{local_world_size} ranks on this node but {device_count} GPU(s) visible: start one task "
+                        f"per GPU (e.g. sbatch --ntasks-per-node {device_count}) or expose more GPUs")
+    return local_rank
+
+
+def pick_device(device: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    asked = "run.device: cuda" if device == "cuda" else (gpus_requested() if device == "auto" else None)
+    if asked and not torch.cuda.is_available():
+        raise UserError(f"GPUs were asked for ({asked}) but CUDA is not available on this machine "
+                        f"(torch {torch.__version__}); set run.device: cpu to train on CPU")
     if device in ("cuda", "auto") and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(cuda_index(local_rank, local_world_size, torch.cuda.device_count()))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
+def setup(device: str = "auto", backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
     """Initialise the process group for whatever launcher started us; idempotent."""
     rank, world, local_rank, addr, port, launcher = detect()
-    dev = pick_device(device, local_rank)
+    local_world = tasks_on_this_node(world)
+    dev = pick_device(device, local_rank, local_world)
     if dev.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if backend == "auto":
@@ -99,20 +143,47 @@ def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
                       MASTER_ADDR=addr, MASTER_PORT=str(port))
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=dev if dev.type == "cuda" else None)
         # One process group for the life of the process: DeepSpeed caches groups of it, so a second training run
         # in the same process (the demo, tests) must find the same one.
         atexit.register(teardown)
-    return DistEnv(rank, world, local_rank, addr, port, launcher, dev)
+    return DistEnv(rank, world, local_rank, addr, port, launcher, dev, local_world)
 
 
 def from_rank0(fn):
-    """fn() evaluated on rank 0 and broadcast, so that every rank takes the same branch (e.g. of a file read)."""
+    """fn() evaluated on rank 0 and broadcast, so that every rank takes the same branch (e.g. of a file read).
+    A UserError raised on rank 0 is raised on every rank, so no rank waits for the others in vain."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return fn()
-    box = [fn() if dist.get_rank() == 0 else None]
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except UserError as e:
+            box = [("error", e)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any rank: one small all-reduce, so that all ranks take the branch."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def teardown() -> None:
@@ -145,3 +216,12 @@ def merge_counts(counts: dict[str, int]) -> dict[str, int]:
         for k, v in part.items():
             total[k] = total.get(k, 0) + int(v)
     return dict(sorted(total.items()))
+
+
+def all_max_int(value: int, device: torch.device) -> int:
+    """The largest of an integer over ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -2,15 +2,20 @@
 
     clove-dist train --config configs/debug.yaml --set optim.lr=1e-5          # one process, no launcher (CPU/GPU)
     torchrun --nproc_per_node 2 -m clove_dist.train --config configs/debug.yaml
-    sbatch slurm/train.sh configs/clove_vit_b32.yaml                          # srun, one task per GPU
+    sbatch --nodes 1 --ntasks-per-node 8 --gpus-per-node 8 slurm/train.sh configs/clove_vit_b32.yaml  # one task a GPU
 
 The run directory (run.output_dir/run.name) receives config.yaml (the resolved config), metrics.jsonl (one line per
-log step: loss, lr, logit scale, samples/s, skipped samples), checkpoints/ (DeepSpeed's per-rank shards; `latest`
-is replaced atomically after a complete save, so an interrupted save never hides the last good checkpoint), and at
-the end export/: finetuned.safetensors and one patched_alpha<A>.safetensors per patching alpha, each loadable with
+log step: loss, lr, logit scale, samples/s, skipped samples; plus `{"event": "preempted" | "resumed", "step": S}`
+lines), checkpoints/ (see clove_dist/checkpoint.py: a manifest marks a complete one, `latest` moves atomically), and
+at the end export/: finetuned.safetensors and one patched_alpha<A>.safetensors per patching alpha, each loadable with
 `open_clip.create_model(model.name, pretrained=path)`, plus open_clip_config.json for `local-dir:` loading.
 
-Rerunning the same command resumes from the latest checkpoint (checkpoint.resume: auto).
+Rerunning the same command resumes from the latest complete checkpoint (checkpoint.resume: auto), on the same or on
+another number of ranks; a finished run says so and exits. SIGUSR1 or SIGTERM make every rank save at the next step
+and exit with status 75 (slurm/train.sh requeues the job then).
+
+The Trainer's phases: build (environment, model, engine, resume, data), step, log, checkpoint, finish (export,
+evaluation). Each component is built from its own config section.
 """
 from __future__ import annotations
 
@@ -18,10 +23,8 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +32,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import checkpoint as cckpt
 from . import dist as cdist
 from . import model as cmodel
+from . import zero
 from .config import Config, load_config, save_config
 from .errors import UserError, entry_point
-from .log import log, warn_once
+from .log import log
 from .loss import ContrastiveLoss
+from .preemption import PREEMPTED_EXIT, Preemption
 
 
 class TrainStep(nn.Module):
     """The module the engine wraps: encoders and loss in one forward, so ZeRO-3 gathers every parameter
-    (logit_scale included) inside forward and nothing reads a partitioned parameter outside it."""
+    (logit_scale included) inside forward and nothing reads a partitioned parameter outside it.
+
+    Features reach the loss in the encoders' dtype (bf16 under bf16 training: tensor-core dots in the loss kernel).
+    Every rank passes its negatives, possibly none ([0, D]), so every rank issues the same collectives."""
 
     def __init__(self, clip: nn.Module, loss_fn: ContrastiveLoss) -> None:
         super().__init__()
@@ -49,13 +58,11 @@ class TrainStep(nn.Module):
     def forward(self, images: torch.Tensor, texts: torch.Tensor, negatives: torch.Tensor,
                 negative_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image_features = self.clip.encode_image(images, normalize=True)  # (B, D)
-        negatives = negatives[negative_valid]  # (n, L): only the real negatives of this rank
-        all_texts = torch.cat([texts, negatives]) if negatives.numel() else texts
-        text_features = self.clip.encode_text(all_texts, normalize=True)  # (B + n, D)
+        negatives = negatives[negative_valid]  # (n, L): only the real negatives of this rank, n may be 0
+        text_features = self.clip.encode_text(torch.cat([texts, negatives]), normalize=True)  # (B + n, D)
         num_pos = texts.shape[0]
-        neg_features = text_features[num_pos:] if negatives.numel() else None
-        loss = self.loss_fn(image_features.float(), text_features[:num_pos].float(), self.clip.logit_scale,
-                            negative_features=None if neg_features is None else neg_features.float())
+        loss = self.loss_fn(image_features, text_features[:num_pos], self.clip.logit_scale,
+                            negative_features=text_features[num_pos:])
         return loss, self.clip.logit_scale.detach().float().exp().reshape(())
 
 
@@ -82,117 +89,6 @@ def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
         progress = min(1.0, (step - warmup) / span)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
-
-
-def deepspeed_config(cfg: Config, device: torch.device) -> dict[str, Any]:
-    precision = cfg.distributed.precision
-    if device.type == "cpu" and precision != "fp32":
-        warn_once(f"distributed.precision={precision} on CPU: training in fp32 instead")
-        precision = "fp32"
-    zero: dict[str, Any] = {"stage": cfg.distributed.zero_stage}
-    if cfg.distributed.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=10_000)
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "steps_per_print": 10**12,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_allow_untested_optimizer": True,
-        "wall_clock_breakdown": False,
-    }
-
-
-def compute_dtype(ds_cfg: dict[str, Any]) -> torch.dtype:
-    if ds_cfg["bf16"]["enabled"]:
-        return torch.bfloat16
-    if ds_cfg["fp16"]["enabled"]:
-        return torch.float16
-    return torch.float32
-
-
-def clamp_logit_scale(param: nn.Parameter, max_logit_scale: float) -> None:
-    """Clamp the master copy of logit_scale (a clamp of p.data alone is undone by ZeRO's fp32 master weights)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-    ceiling = math.log(max_logit_scale)
-    if _zero_managed(param):
-        value = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank calls it
-        if value is not None and float(value.max()) > ceiling:
-            safe_set_full_fp32_param(param, value.clamp(max=ceiling))
-    else:
-        with torch.no_grad():
-            param.clamp_(max=ceiling)
-
-
-def _zero_managed(p: nn.Parameter) -> bool:
-    """Whether ZeRO (ds_id, stage 3) or a DeepSpeed optimizer (_hp_mapping) holds this parameter's master copy."""
-    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
-
-
-def full_state_dict(clip: nn.Module, original_shapes: dict[str, torch.Size], keep: bool) -> dict[str, torch.Tensor]:
-    """fp32 weights of every parameter, gathered from the ZeRO partitions: every rank takes part in the gather,
-    only the rank with keep=True (rank 0) keeps a CPU copy."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    state: dict[str, torch.Tensor] = {}
-    for name, p in clip.named_parameters():
-        value = safe_get_full_fp32_param(p) if _zero_managed(p) else None
-        if keep:
-            state[name] = (p.detach() if value is None else value).float().cpu().clone()
-    if not keep:
-        return {}
-    for name, b in clip.named_buffers():
-        module_name, _, attr = name.rpartition(".")
-        owner = clip.get_submodule(module_name) if module_name else clip
-        if attr not in owner._non_persistent_buffers_set:
-            state[name] = b.detach().cpu().clone()
-    return cmodel.restore_shapes(state, original_shapes)
-
-
-@dataclass
-class Checkpointer:
-    directory: Path
-    keep_last: int
-
-    def latest(self) -> str | None:
-        f = self.directory / "latest"
-        if not f.is_file():
-            return None
-        tag = f.read_text().strip()
-        return tag if tag and (self.directory / tag).is_dir() else None
-
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> None:
-        tag = f"step{step:09d}"
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
-        cdist.barrier()  # every rank's shard is on disk before `latest` moves
-        if cdist.dist.get_rank() == 0:
-            tmp = self.directory / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.directory / "latest")
-            tags = sorted(p.name for p in self.directory.glob("step*") if p.is_dir())
-            for old in tags[: max(0, len(tags) - self.keep_last)]:
-                if old != tag:
-                    shutil.rmtree(self.directory / old, ignore_errors=True)
-        cdist.barrier()
-
-
-def resume_dir(cfg: Config, ckpt: Checkpointer) -> tuple[Path, str] | None:
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        if ckpt.latest():
-            raise UserError(f"checkpoint.resume: none, but {ckpt.directory} already holds checkpoints of an earlier "
-                            f"run; choose another run.name or output_dir, or resume (checkpoint.resume: auto)")
-        return None
-    if mode == "auto":
-        tag = ckpt.latest()
-        return (ckpt.directory, tag) if tag else None
-    path = Path(mode)
-    if not path.is_dir():
-        raise UserError(f"checkpoint.resume: {mode} is not a checkpoint directory")
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    return path.parent, path.name
 
 
 def export(cfg: Config, run_dir: Path, state: dict[str, torch.Tensor]) -> list[Path]:
@@ -233,123 +129,243 @@ def _move(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tu
             batch["negatives"].to(device, non_blocking=True), batch["negative_valid"].to(device, non_blocking=True))
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns a summary (steps, last loss, export paths) on every rank."""
-    env = cdist.setup(cfg.run.device, cfg.distributed.backend)
-    import deepspeed  # after setup(): DS_ACCELERATOR must be set before DeepSpeed picks its accelerator
-    # DeepSpeed 0.19 calls collectives that torch 2.14 deprecates, once per call: say it once, not every step.
-    warnings.filterwarnings("once", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    from .data.pipeline import build_loader, expand_shards
+class Preempted(Exception):
+    """Raised out of the loop after the preemption checkpoint is on disk."""
 
-    expand_shards(cfg.data.train_shards)  # user mistakes surface before anything is written
-    torch.manual_seed(cfg.run.seed)
-    clip, preprocess_train, _, tokenizer = cmodel.create(cfg.model)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    found = cdist.from_rank0(lambda: resume_dir(cfg, ckpt))  # every rank acts on rank 0's reading of the disk
-    log(f"{env.launcher}: {env.world_size} rank(s) on {env.device}; run directory {run_dir}")
-    original_shapes = cmodel.make_deepspeed_safe(clip)
-    step_module = TrainStep(clip, ContrastiveLoss(cfg.loss.impl, cfg.loss.max_logit_scale, cfg.loss.chunk_size))
-    global_batch = cfg.data.batch_size * env.world_size
-    total_steps = math.ceil(cfg.train.total_samples / global_batch)
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    optimizer = torch.optim.AdamW(param_groups(clip, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup_steps, total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
-    ds_cfg = deepspeed_config(cfg, env.device)
-    dtype = compute_dtype(ds_cfg)
-    engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_cfg, dist_init_required=False)
 
-    step, samples_seen, skipped = 0, 0, {}
-    if found:
-        where = found[0] / found[1]
+class Trainer:
+    """One training run, in phases: build, then step/log/checkpoint in a loop, then finish."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped: dict[str, int] = {}
+        self.epoch = 0  # one-pass mode: this rank's pass over the shards
+        self.loss_value = float("nan")
+        self.saved_step = -1
+        self.preemption: Preemption | None = None
+
+    # -- build -------------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        self.env = cdist.setup(cfg.run.device, cfg.distributed.backend, cfg.distributed.timeout_minutes)
+        import deepspeed  # after setup(): DS_ACCELERATOR must be set before DeepSpeed picks its accelerator
+        # DeepSpeed 0.19 calls collectives that torch 2.14 deprecates, once per call: say it once, not every step.
+        warnings.filterwarnings("once", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        from .data.pipeline import expand_shards
+
+        expand_shards(cfg.data.train_shards)  # user mistakes surface before anything is written
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.ckpt = cckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.found = cdist.from_rank0(lambda: self.ckpt.find(cfg.checkpoint.resume))  # one reading of the disk
+        env = self.env
+        log(f"{env.launcher}: {env.world_size} rank(s) on {env.device}; run directory {self.run_dir}")
+        global_batch = cfg.data.batch_size * env.world_size
+        self.total_steps = math.ceil(cfg.train.total_samples / global_batch)
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+        torch.manual_seed(cfg.run.seed)
+        self.clip, self.preprocess, _, self.tokenizer = cmodel.create(cfg.model)
+        self.original_shapes = cmodel.make_deepspeed_safe(self.clip)
+        step_module = TrainStep(self.clip, ContrastiveLoss.from_config(cfg.loss))
+        optimizer = torch.optim.AdamW(param_groups(self.clip, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.optim.warmup_steps, self.total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+        ds_cfg = zero.deepspeed_config(cfg.distributed, cfg.data.batch_size, cfg.optim.grad_clip, env.device)
+        load_tag = self._resume_tag(ds_cfg)
+        self.dtype = zero.compute_dtype(ds_cfg)
+        self.engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_cfg, dist_init_required=False)
+        if self.found:
+            self._load(load_tag)
+        if env.is_main:
+            self.ckpt.directory.mkdir(parents=True, exist_ok=True)
+            write_run_config(cfg, self.run_dir, self.found[1] if self.found else None)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if self.found:
+            if env.is_main:
+                dropped = cckpt.truncate_metrics(self.metrics_path, self.step)
+                if dropped:
+                    log(f"dropped {dropped} metric line(s) logged after the checkpoint of step {self.step}")
+            self.event("resumed", checkpoint=self.found[1], world_size=env.world_size)
+        self._build_loader()
+
+    def _resume_tag(self, ds_cfg: dict[str, Any]) -> str | None:
+        """The tag the engine loads; a checkpoint of another world size goes through the universal format."""
+        if not self.found:
+            return None
+        directory, tag, manifest = self.found
+        written_by = int(manifest.get("world_size", self.env.world_size))
+        if written_by == self.env.world_size:
+            return tag
+        log(f"checkpoint {directory / tag} was written by {written_by} rank(s); resuming on {self.env.world_size}")
+        universal = cdist.from_rank0(lambda: cckpt.to_universal(directory, tag))
+        ds_cfg["checkpoint"] = {"load_universal": True}
+        return universal
+
+    def _load(self, tag: str | None) -> None:
+        directory, found_tag, _ = self.found
+        where = directory / found_tag
         try:
-            load_path, client = engine.load_checkpoint(str(found[0]), tag=found[1])
-            step, samples_seen = client["step"], client["samples_seen"]
-        except (RuntimeError, KeyError, TypeError) as e:
-            raise UserError(f"checkpoint {where} cannot resume this run ({cfg.model.name}): "
+            load_path, client = self.engine.load_checkpoint(str(directory), tag=tag)
+            self.step, self.samples_seen = client["step"], client["samples_seen"]
+        except (RuntimeError, KeyError, TypeError, ValueError, AssertionError) as e:
+            raise UserError(f"checkpoint {where} cannot resume this run ({self.cfg.model.name}): "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
         if load_path is None:
             raise UserError(f"checkpoint {where} could not be loaded")
         # the counts saved are already summed over ranks: rank 0 carries them on, the others start at zero
-        skipped = dict(client.get("skipped", {})) if env.is_main else {}
-        log(f"resumed from {load_path} at step {step}")
-    if env.is_main:
-        ckpt.directory.mkdir(parents=True, exist_ok=True)
-        write_run_config(cfg, run_dir, found[1] if found else None)
+        self.skipped = dict(client.get("skipped", {})) if self.env.is_main else {}
+        self.epoch = int(client.get("epoch", -1)) + 1  # a one-pass epoch cut by the checkpoint is not resumed
+        self.saved_step = self.step
+        log(f"resumed from {load_path} at step {self.step}")
 
-    # The shard stream of a resumed run is seeded by where it resumes: resampled draws and one-pass shard orders
-    # differ from the first run's (a one-pass epoch cut by the resume is not finished).
-    loader = build_loader(cfg.data, cfg.negatives, preprocess_train, tokenizer,
-                          seed=cfg.run.seed * 1_000_003 + step, epoch=step)
-    metrics_path = run_dir / "metrics.jsonl"
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not env.is_main, dynamic_ncols=True)
-    loss_value = float("nan")
-    saved_step = step if found else -1
-    window_t, window_samples = time.perf_counter(), 0
-    batches_from_loader = 0
-    batches = iter(loader)
-    while step < total_steps:
-        try:
-            batch = next(batches)
-        except StopIteration:  # one-pass mode: start the next epoch
-            if batches_from_loader == 0:
-                raise UserError(f"data.train_shards gave rank {env.rank} no full batch of {cfg.data.batch_size} "
-                                f"(one pass over the shards, {env.world_size} rank(s), {cfg.data.num_workers} "
-                                f"worker(s) each): too few samples or shards, or every sample skipped") from None
-            loader = build_loader(cfg.data, cfg.negatives, preprocess_train, tokenizer,
-                                  seed=cfg.run.seed * 1_000_003 + step, epoch=step)
-            batches, batches_from_loader = iter(loader), 0
-            continue
-        batches_from_loader += 1
+    def _build_loader(self) -> None:
+        from .data.pipeline import build_loader
+        cfg = self.cfg
+        if cfg.data.resampled:
+            # Each rank and worker draws its own shards, seeded by where the run (re)starts: fresh draws after a
+            # resume, and negatives of redrawn samples offset by the step.
+            seed, epoch = cfg.run.seed * 1_000_003 + self.step, self.step
+        else:
+            # One pass: every rank shuffles the same permutation of the shards for an epoch and takes its share.
+            seed, epoch = cfg.run.seed * 1_000_003 + self.epoch, self.epoch
+        loader = build_loader(cfg.data, cfg.negatives, self.preprocess, self.tokenizer, seed=seed, epoch=epoch)
+        self.batches = iter(loader)
+        self.batches_from_loader = 0
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def next_batch(self) -> dict[str, Any]:
+        while True:
+            try:
+                batch = next(self.batches)
+            except StopIteration:  # one-pass mode: start this rank's next epoch
+                if self.batches_from_loader == 0:
+                    cfg, env = self.cfg, self.env
+                    raise UserError(f"data.train_shards gave rank {env.rank} no full batch of {cfg.data.batch_size} "
+                                    f"(one pass over the shards, {env.world_size} rank(s), {cfg.data.num_workers} "
+                                    f"worker(s) each): too few samples or shards, or every sample skipped") from None
+                self.epoch += 1
+                self._build_loader()
+                continue
+            self.batches_from_loader += 1
+            return batch
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         for k, v in batch["stats"].items():
-            skipped[k] = skipped.get(k, 0) + v
-        lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
-        loss, scale = engine(*_move(batch, env.device, dtype))
-        engine.backward(loss)
-        engine.step()
-        clamp_logit_scale(clip.logit_scale, cfg.loss.max_logit_scale)
-        step += 1
-        samples_seen += batch["num_samples"] * env.world_size
-        window_samples += batch["num_samples"] * env.world_size
-        bar.update(1)
-        if step % cfg.run.log_every == 0 or step == total_steps:
-            loss_value, num_negs = cdist.all_sum([float(loss.detach()), float(batch["negative_valid"].sum())],
-                                                 env.device)
-            loss_value /= env.world_size
-            counts = cdist.merge_counts(skipped)
-            now = time.perf_counter()
-            record = {"step": step, "samples": samples_seen, "loss": loss_value,
-                      "lr": lr, "logit_scale": float(scale),
-                      "samples_per_s": window_samples / max(now - window_t, 1e-9), "negatives": int(num_negs),
-                      **{k: int(v) for k, v in counts.items()}}
-            window_t, window_samples = now, 0
-            if env.is_main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{loss_value:.4f}", scale=f"{float(scale):.1f}")
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
-            ckpt.save(engine, step, {"step": step, "samples_seen": samples_seen,
-                                     "skipped": cdist.merge_counts(skipped)})
-            saved_step = step
-    bar.close()
-    if saved_step != step:
-        ckpt.save(engine, step, {"step": step, "samples_seen": samples_seen, "skipped": cdist.merge_counts(skipped)})
+            self.skipped[k] = self.skipped.get(k, 0) + v
+        loss, scale = self.engine(*_move(batch, self.env.device, self.dtype))
+        self.engine.backward(loss)
+        self.engine.step()
+        zero.clamp_logit_scale(self.engine, self.clip.logit_scale, self.cfg.loss.max_logit_scale)
+        self.step += 1
+        self.samples_seen += batch["num_samples"] * self.env.world_size
+        return loss, scale
 
-    written: list[Path] = []
-    if cfg.patching.export:
-        state = full_state_dict(clip, original_shapes, keep=env.is_main)
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.write_metrics({"event": name, "step": self.step, **fields})
+
+    def log_step(self, loss: torch.Tensor, scale: torch.Tensor, batch: dict[str, Any], lr: float,
+                 window: dict[str, float]) -> None:
+        env = self.env
+        loss_value, num_negs = cdist.all_sum([float(loss.detach()), float(batch["negative_valid"].sum())],
+                                             env.device)
+        self.loss_value = loss_value / env.world_size
+        now = time.perf_counter()
+        record = {"step": self.step, "samples": self.samples_seen, "loss": self.loss_value, "lr": lr,
+                  "logit_scale": float(scale), "samples_per_s": window["samples"] / max(now - window["t"], 1e-9),
+                  "negatives": int(num_negs), **{k: int(v) for k, v in cdist.merge_counts(self.skipped).items()}}
+        window.update(t=now, samples=0)
+        self.write_metrics(record)
         if env.is_main:
-            written = export(cfg, run_dir, state)
-            log("exported: " + ", ".join(str(p) for p in written))
-    # Only rank 0 evaluates; the other ranks leave rather than wait in a collective that could time out.
-    if env.is_main and written and (cfg.eval.sugarcrepe_dir or cfg.eval.zeroshot_dir):
-        evaluate_exports(cfg, run_dir, written, env.device)
-    return {"steps": step, "samples": samples_seen, "loss": loss_value, "run_dir": str(run_dir),
-            "exports": [str(p) for p in written], "skipped": skipped}
+            self.bar.set_postfix(loss=f"{self.loss_value:.4f}", scale=f"{float(scale):.1f}")
+
+    def save(self) -> None:
+        self.ckpt.save(self.engine, self.step, {
+            "step": self.step, "samples_seen": self.samples_seen, "skipped": cdist.merge_counts(self.skipped),
+            "epoch": cdist.all_max_int(self.epoch, self.env.device), "world_size": self.env.world_size,
+            "zero_stage": self.cfg.distributed.zero_stage, "model": self.cfg.model.name})
+        self.saved_step = self.step
+
+    def loop(self) -> None:
+        cfg = self.cfg
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                        disable=not self.env.is_main, dynamic_ncols=True)
+        window = {"t": time.perf_counter(), "samples": 0}
+        try:
+            while self.step < self.total_steps:
+                if self.preemption is not None and self.preemption.agreed(self.env.device):
+                    signame = self.preemption.received or "a signal on another rank"
+                    log(f"preempted by {signame} at step {self.step}: saving a checkpoint")
+                    if self.saved_step != self.step:
+                        self.save()
+                    self.event("preempted", signal=signame)
+                    raise Preempted(signame)
+                batch = self.next_batch()
+                lr = self.engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
+                loss, scale = self.train_step(batch)
+                window["samples"] += batch["num_samples"] * self.env.world_size
+                self.bar.update(1)
+                if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                    self.log_step(loss, scale, batch, lr, window)
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
+                        and self.step < self.total_steps:
+                    self.save()
+        finally:
+            self.bar.close()
+        if self.saved_step != self.step:
+            self.save()
+
+    # -- finish ------------------------------------------------------------------------------------------------
+    def finish(self) -> list[Path]:
+        cfg, env = self.cfg, self.env
+        written: list[Path] = []
+        if cfg.patching.export:
+            state = zero.full_fp32_state(self.engine, self.clip, keep=env.is_main)
+            if env.is_main:
+                written = export(cfg, self.run_dir, cmodel.restore_shapes(state, self.original_shapes))
+                log("exported: " + ", ".join(str(p) for p in written))
+        # Only rank 0 evaluates; the other ranks leave rather than wait in a collective that could time out.
+        if env.is_main and written and (cfg.eval.sugarcrepe_dir or cfg.eval.zeroshot_dir):
+            evaluate_exports(cfg, self.run_dir, written, env.device)
+        return written
+
+    def is_complete(self) -> bool:
+        """A resumed run whose last checkpoint is its final step and whose exports are on disk."""
+        exports = self.run_dir / "export" / "finetuned.safetensors"
+        return bool(self.found) and self.step >= self.total_steps and (exports.is_file() or not self.cfg.patching.export)
+
+    def summary(self, written: list[Path], **extra: Any) -> dict[str, Any]:
+        return {"steps": self.step, "samples": self.samples_seen, "loss": self.loss_value,
+                "run_dir": str(self.run_dir), "exports": [str(p) for p in written], "skipped": self.skipped, **extra}
+
+
+def train(cfg: Config, handle_signals: bool = False) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns a summary (steps, last loss, export paths) on every rank.
+    With handle_signals, SIGUSR1/SIGTERM stop the run at the next step with a checkpoint (summary "preempted")."""
+    trainer = Trainer(cfg)
+    trainer.build()
+    if trainer.is_complete():
+        log(f"run {trainer.run_dir} is already complete: {trainer.step} steps; its exports are in "
+            f"{trainer.run_dir / 'export'}")
+        return trainer.summary([], complete=True)
+    trainer.preemption = Preemption.install() if handle_signals else None
+    try:
+        trainer.loop()
+    except Preempted as e:
+        return trainer.summary([], preempted=str(e))
+    finally:
+        if trainer.preemption is not None:
+            trainer.preemption.uninstall()
+    return trainer.summary(trainer.finish())
 
 
 def evaluate_exports(cfg: Config, run_dir: Path, exports: list[Path], device: torch.device) -> Path:
@@ -377,8 +393,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config key, e.g. --set optim.lr=1e-5 (repeatable)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
-    log(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, run directory {summary['run_dir']}")
+    summary = train(cfg, handle_signals=True)
+    if summary.get("preempted"):
+        log(f"stopped by {summary['preempted']} at step {summary['steps']}; the checkpoint is saved: run the same "
+            f"command again to resume (exit status {PREEMPTED_EXIT})")
+        return PREEMPTED_EXIT
+    if not summary.get("complete"):
+        log(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, run directory {summary['run_dir']}")
     return 0
 
 

@@ -51,8 +51,10 @@ def test_train_checkpoint_export_resume(world, tmp_path):
     assert not torch.equal(patched[w], state[w])
 
     assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=5")) == 0
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in records if "event" not in r]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]  # resumed at 3, not restarted
+    assert [(r["event"], r["step"]) for r in records if "event" in r] == [("resumed", 3)]
     assert lines[-1]["samples"] == 40
     assert (run / "checkpoints" / "latest").read_text() == "step000000005"
     kept = sorted(p.name for p in (run / "checkpoints").glob("step*"))
