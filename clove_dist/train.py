@@ -42,6 +42,8 @@ from .log import log
 from .loss import ContrastiveLoss
 from .preemption import PREEMPTED_EXIT, Preemption
 
+UNIVERSAL_CHECKPOINT_VERSION = 0.4  # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE (0.19)
+
 
 class TrainStep(nn.Module):
     """The module the engine wraps: encoders and loss in one forward, so ZeRO-3 gathers every parameter
@@ -63,7 +65,9 @@ class TrainStep(nn.Module):
         num_pos = texts.shape[0]
         loss = self.loss_fn(image_features, text_features[:num_pos], self.clip.logit_scale,
                             negative_features=text_features[num_pos:])
-        return loss, self.clip.logit_scale.detach().float().exp().reshape(())
+        # the scale the loss used: exp(logit_scale) clamped (a value above the ceiling is cut back after the step)
+        scale = self.clip.logit_scale.detach().float().exp().clamp(max=self.loss_fn.max_logit_scale).reshape(())
+        return loss, scale
 
 
 def param_groups(clip: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -199,7 +203,7 @@ class Trainer:
             return None
         directory, tag, manifest = self.found
         written_by = int(manifest.get("world_size", self.env.world_size))
-        if written_by == self.env.world_size:
+        if written_by == self.env.world_size or manifest.get("zero_stage") == 0:  # ZeRO-0 saves whole states
             return tag
         log(f"checkpoint {directory / tag} was written by {written_by} rank(s); resuming on {self.env.world_size}")
         universal = cdist.from_rank0(lambda: cckpt.to_universal(directory, tag))
@@ -292,7 +296,9 @@ class Trainer:
         self.ckpt.save(self.engine, self.step, {
             "step": self.step, "samples_seen": self.samples_seen, "skipped": cdist.merge_counts(self.skipped),
             "epoch": cdist.all_max_int(self.epoch, self.env.device), "world_size": self.env.world_size,
-            "zero_stage": self.cfg.distributed.zero_stage, "model": self.cfg.model.name})
+            "zero_stage": self.cfg.distributed.zero_stage, "model": self.cfg.model.name,
+            # what DeepSpeed's ds_to_universal needs to convert the checkpoint for another world size
+            "universal_checkpoint_info": {"universal_checkpoint_version": UNIVERSAL_CHECKPOINT_VERSION}})
         self.saved_step = self.step
 
     def loop(self) -> None:
