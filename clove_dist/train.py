@@ -228,15 +228,9 @@ class Trainer:
         log(f"resumed from {load_path} at step {self.step}")
 
     def _build_loader(self) -> None:
-        from .data.pipeline import build_loader
+        from .data.pipeline import build_loader, stream_seed
         cfg = self.cfg
-        if cfg.data.resampled:
-            # Each rank and worker draws its own shards, seeded by where the run (re)starts: fresh draws after a
-            # resume, and negatives of redrawn samples offset by the step.
-            seed, epoch = cfg.run.seed * 1_000_003 + self.step, self.step
-        else:
-            # One pass: every rank shuffles the same permutation of the shards for an epoch and takes its share.
-            seed, epoch = cfg.run.seed * 1_000_003 + self.epoch, self.epoch
+        seed, epoch = stream_seed(cfg.run.seed, cfg.data.resampled, self.step, self.epoch)
         loader = build_loader(cfg.data, cfg.negatives, self.preprocess, self.tokenizer, seed=seed, epoch=epoch)
         self.batches = iter(loader)
         self.batches_from_loader = 0

@@ -209,17 +209,30 @@ def num_negative_rows(data_cfg: DataConfig, neg_cfg: NegativesConfig) -> int:
     return data_cfg.max_negatives_per_batch or data_cfg.batch_size * neg_cfg.max_per_caption
 
 
+def stream_seed(run_seed: int, resampled: bool, step: int, epoch: int) -> tuple[int, int]:
+    """(shard seed, negatives epoch) of a loader built at `step` (resampled) or for one-pass `epoch`.
+
+    Resampled: each rank and worker draws its own shards (webdataset seeds them by rank and worker); seeding by the
+    step the run (re)starts at gives fresh draws after a resume. One pass: the seed depends on the epoch alone, so
+    every rank shuffles the same permutation of the shards and takes its own share of it (each shard read once per
+    epoch by exactly one worker of one rank), whatever step each rank reached the epoch at."""
+    base = run_seed * 1_000_003
+    return (base + step, step) if resampled else (base + epoch, epoch)
+
+
+def shard_stages(data_cfg: DataConfig, urls: list[str], seed: int) -> list[Any]:
+    """The pipeline's first stages: which shard URLs this rank and worker read, in which order."""
+    if data_cfg.resampled:
+        return [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    return [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
+
+
 def build_dataset(data_cfg: DataConfig, neg_cfg: NegativesConfig, preprocess: Callable, tokenizer: Callable, *,
                   seed: int = 0, epoch: int = 0) -> wds.DataPipeline:
     """The webdataset pipeline, yielding finished batches (it batches inside the workers)."""
     urls = expand_shards(data_cfg.train_shards)
     builder = SampleBuilder(data_cfg, neg_cfg, preprocess, tokenizer, epoch=epoch)
-    stages: list[Any]
-    if data_cfg.resampled:
-        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        stages = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
-    stages += [
+    stages = shard_stages(data_cfg, urls, seed) + [
         wds.tarfile_to_samples(handler=builder.skips.handler),
         builder.stamp_epochs,
         wds.shuffle(data_cfg.shuffle_buffer, initial=min(data_cfg.shuffle_buffer, 1000), seed=seed + epoch),
