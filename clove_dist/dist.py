@@ -177,15 +177,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any rank: one small all-reduce, so that all ranks take the branch."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

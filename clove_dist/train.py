@@ -19,6 +19,10 @@ evaluation). Each component is built from its own config section.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # started as a program (srun, torchrun): record stop signals before the slow imports
+    from clove_dist.preemption import Preemption as _Preemption
+    _Preemption.install()
+
 import argparse
 import json
 import math
@@ -40,7 +44,7 @@ from .config import Config, load_config, save_config
 from .errors import UserError, entry_point
 from .log import log
 from .loss import ContrastiveLoss
-from .preemption import PREEMPTED_EXIT, Preemption
+from .preemption import PREEMPTED_EXIT, Preemption, requeue_slurm_job
 
 UNIVERSAL_CHECKPOINT_VERSION = 0.4  # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE (0.19)
 
@@ -302,12 +306,13 @@ class Trainer:
         window = {"t": time.perf_counter(), "samples": 0}
         try:
             while self.step < self.total_steps:
-                if self.preemption is not None and self.preemption.agreed(self.env.device):
-                    signame = self.preemption.received or "a signal on another rank"
+                signame = self.preemption.agreed(self.env.device) if self.preemption is not None else None
+                if signame:
                     log(f"preempted by {signame} at step {self.step}: saving a checkpoint")
                     if self.saved_step != self.step:
                         self.save()
                     self.event("preempted", signal=signame)
+                    cdist.barrier()  # everything is on disk on every rank before any rank exits or requeues
                     raise Preempted(signame)
                 batch = self.next_batch()
                 lr = self.engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
@@ -361,7 +366,14 @@ def train(cfg: Config, handle_signals: bool = False) -> dict[str, Any]:
     try:
         trainer.loop()
     except Preempted as e:
-        return trainer.summary([], preempted=str(e))
+        requeued = False
+        if str(e) == "SIGUSR1" and trainer.env.launcher == "slurm" and trainer.env.is_main:
+            problem = requeue_slurm_job()
+            requeued = problem is None
+            log(f"requeued SLURM job {os.environ.get('SLURM_JOB_ID')}: it resumes at step {trainer.step}"
+                if requeued else f"WARNING: could not requeue: {problem}; resubmit to resume")
+        cdist.barrier()  # no rank exits (and so ends the job step) before rank 0 has requeued the job
+        return trainer.summary([], preempted=str(e), requeued=requeued)
     finally:
         if trainer.preemption is not None:
             trainer.preemption.uninstall()

@@ -3,15 +3,27 @@
 #
 #   sbatch --nodes 1 --ntasks-per-node 8 --gpus-per-node 8 slurm/train.sh configs/clove_vit_b32.yaml \
 #       --set data.train_shards='/data/laion-coco/{00000..59999}.tar'
-#   sbatch --ntasks 2 --cpus-per-task 1 slurm/train.sh configs/debug.yaml      # CPU-only debug (gloo)
+#   sbatch --ntasks-per-node 2 --cpus-per-task 1 --gpus-per-node 0 slurm/train.sh configs/debug.yaml \
+#       --set run.device=cpu                                                    # CPU-only debug (gloo)
 #
-# Everything after the config is passed to `clove_dist.train` (e.g. --set optim.lr=1e-5). Resubmitting the same
-# command resumes from the run directory's latest checkpoint. Set CLOVE_PYTHON to choose the interpreter and
-# CLOVE_MASTER_PORT to choose the rendezvous port (default: 20000 + job id % 20000).
+# Everything after the config is passed to `clove_dist.train` (e.g. --set optim.lr=1e-5); quote shard patterns so
+# the shell does not expand their braces. Resubmitting the same command resumes from the run directory's latest
+# complete checkpoint, on any number of tasks.
+#
+# Preemption: SLURM sends SIGUSR1 to this script 300 s before the time limit (--signal=B:USR1@SECONDS to change the
+# lead time: enough for one step and one checkpoint write). It is forwarded to the training tasks, which agree at the
+# next step and save a checkpoint; then rank 0 requeues the job (scontrol requeue), which resumes at that step. The
+# log of every restart is appended to the same file. SIGTERM (scancel, a drain) saves the same way, no requeue.
+#
+# Set CLOVE_PYTHON to choose the interpreter and CLOVE_MASTER_PORT the rendezvous port (default: 20000 + job id %
+# 20000).
 #SBATCH --job-name=clove
 #SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --output=clove-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 set -euo pipefail
 
@@ -36,5 +48,24 @@ export MASTER_PORT=${CLOVE_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 PYTHON=${CLOVE_PYTHON:-python3}
 
-echo "clove: job $SLURM_JOB_ID, $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
-exec srun --kill-on-bad-exit=1 "$PYTHON" -m clove_dist.train --config "$CONFIG" "$@"
+echo "clove: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES" \
+     "node(s), master $MASTER_ADDR:$MASTER_PORT"
+
+# srun runs in the background so that this shell can take signals while training runs (bash runs a trap only
+# between commands: a foreground srun would hold it until the end).
+srun_pid=""
+forward() {  # $1: signal name
+  echo "clove: got SIG$1, telling the training tasks to checkpoint and stop"
+  [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+srun --kill-on-bad-exit=1 "$PYTHON" -m clove_dist.train --config "$CONFIG" "$@" &
+srun_pid=$!
+status=0
+while :; do
+  wait "$srun_pid" && status=0 || status=$?
+  kill -0 "$srun_pid" 2>/dev/null || break  # wait returned because of a signal: srun is still running
+done
+exit "$status"
