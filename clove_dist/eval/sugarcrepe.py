@@ -17,7 +17,8 @@ Result: each subset's accuracy (fraction in [0, 1]) under its own name, the grou
 rel), "swap" (obj, att) and "add" (obj, att), "average" (mean of the subsets present), "counts" per subset
 (num_examples, num_evaluated, num_correct, num_missing_images, num_malformed), "missing_subsets" and "notes".
 A subset whose file is absent is skipped with a note; a directory with none of them is a ValueError. An entry
-whose image is missing or unreadable is counted and skipped, as is an entry lacking one of the three fields.
+whose image is missing or unreadable is counted and skipped, as is an entry lacking one of the three fields; in
+strict mode (the default) more than max_missing_share of the unique images missing is a ValueError instead.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from .wds_layout import check_missing_share, describe_kind
 
 SUBSETS: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj",
                             "add_att")
@@ -78,7 +80,8 @@ def load(data_dir: str | os.PathLike) -> tuple[dict[str, list[tuple[str, str, st
                 bad += 1
         examples[subset], malformed[subset] = rows, bad
     if not examples:
-        raise ValueError(f"no SugarCrepe subset file ({', '.join(s + '.json' for s in SUBSETS)}) in {root}")
+        raise ValueError(f"no SugarCrepe subset file ({', '.join(s + '.json' for s in SUBSETS)}) in {root}: it is "
+                         f"{describe_kind(root)}")
     return examples, malformed, missing
 
 
@@ -108,7 +111,8 @@ def _mean(values: list[float]) -> float | None:
 
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | os.PathLike, *,
              image_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 64,
-             progress: bool = False, return_scores: bool = False) -> dict:
+             progress: bool = False, return_scores: bool = False, strict: bool = True,
+             max_missing_share: float = 0.0) -> dict:
     """SugarCrepe accuracies of `model` (see the module docstring for the result's keys).
 
     return_scores adds "scores": {subset: {"positive": [...], "negative": [...]}} (cosine similarities of the
@@ -128,6 +132,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
             model, _image_batches(unique_images, images_root, preprocess, batch_size, loaded, progress),
             device=device)  # (num_loaded, D)
         image_index = {name: i for i, name in enumerate(loaded)}
+        check_missing_share(f"SugarCrepe set {data_dir}", len(unique_images) - len(loaded), len(unique_images),
+                            strict, max_missing_share, str(images_root))
         texts = sorted({t for rows in examples.values() for name, pos, neg in rows if name in image_index
                         for t in (pos, neg)})
         text_features = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size,
