@@ -344,8 +344,9 @@ def tiny_clip():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    return write_world(tmp_path_factory.mktemp("evalworld"), seed=1, num_train=1, samples_per_shard=1,
-                       num_eval_per_subset=6, num_zeroshot_per_class=2, image_size=64, progress=False)
+    return write_world(tmp_path_factory.mktemp("evalworld"), seed=1, num_train=1, samples_per_shard=20,
+                       num_eval_per_subset=6, num_zeroshot_per_class=2, image_size=64, num_retrieval_images=30,
+                       num_aro_per_subset=8, progress=False)
 
 
 def test_sugarcrepe_on_open_clip_matches_the_official_loop(tiny_clip, small_world):

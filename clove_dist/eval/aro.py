@@ -154,6 +154,14 @@ def _score(model, preprocess: Callable, tokenizer: Callable, examples: list[tupl
     return scores, len(keys), len(keys) - len(loaded)
 
 
+def _check_files(examples: list[tuple[tuple, list[str]]], what: str, strict: bool, max_missing_share: float,
+                 where: Path) -> None:
+    """Strict mode: fail on absent image files before anything is encoded (unreadable ones are caught after)."""
+    paths = {key[0] for key, _ in examples}
+    absent = sum(not os.path.isfile(p) for p in paths)
+    check_missing_share(what, absent, len(paths), strict, max_missing_share, str(where))
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -169,6 +177,7 @@ def _evaluate_vg(subset: str, path: Path, image_dir: Path, model, preprocess, to
         examples.append(((str(image_dir / e["image_path"]), box), [e["true_caption"], e["false_caption"]]))
         g = e[group_field]
         groups.append("_".join(map(str, g)) if isinstance(g, (list, tuple)) else str(g))
+    _check_files(examples, f"ARO {what} ({path})", strict, max_missing_share, image_dir)
     scores, num_images, num_missing = _score(model, preprocess, tokenizer, examples, device=device,
                                              batch_size=batch_size, progress=progress, desc=subset)
     check_missing_share(f"ARO {what} ({path})", num_missing, num_images, strict, max_missing_share,
@@ -211,6 +220,7 @@ def _evaluate_order(subset: str, path: Path, image_root: Path, perturber: OrderP
                 keys.append((str(image_root / e["image"]), None))
     if not captions:
         raise ValueError(f"{path} holds no caption")
+    _check_files([(k, []) for k in keys], f"ARO {what} ({path})", strict, max_missing_share, image_root)
     options = perturber.options_many(captions, streams)
     examples = [(key, opts) for key, opts in zip(keys, options)]
     scores, num_images, num_missing = _score(model, preprocess, tokenizer, examples, device=device,
