@@ -95,7 +95,7 @@ def _per_class_names(classnames: list[str]) -> list[str]:
     seen: set[str] = set()
     keys = []
     for i, name in enumerate(classnames):
-        keys.append(f"{name} [label {i}]" if not name or name in seen else name)
+        keys.append(f"{name} [label {i}]".lstrip() if not name or name in seen else name)
         seen.add(name)
     return keys
 
