@@ -188,6 +188,11 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path):
     vgr.write_text(json.dumps([{"image": "a.jpg", "caption": ["x"]}]))  # a COCO-Order entry
     with pytest.raises(ValueError, match=r"no entry has all of image_path.*the first has caption, image"):
         aro.evaluate(model, id_preprocess, tok, tmp_path / "x")
+    good = {"image_path": "a.jpg", "bbox_x": 0, "bbox_y": 0, "bbox_w": 1, "bbox_h": 1, "true_caption": "a",
+            "false_caption": "b", "relation_name": "on"}
+    vgr.write_text(json.dumps([good | {"bbox_x": "12"}]))
+    with pytest.raises(ValueError, match="no entry has a numeric bbox_x"):
+        aro.evaluate(model, id_preprocess, tok, tmp_path / "x")
     vgr.write_text("[]")
     with pytest.raises(ValueError, match="holds no example"):
         aro.evaluate(model, id_preprocess, tok, tmp_path / "x")
@@ -271,3 +276,16 @@ def test_cli_eval_aro(tmp_path, aro_world, capsys):
                          "--aro-coco-root", str(tmp_path / "nowhere"), "--no-strict"]) == 2  # nothing left to score
     finally:
         (Path(tmp_path) / "moved").rename(Path(aro_world.aro_dir) / "val2014")
+
+
+def test_cli_names_the_kind_of_set_given_to_the_wrong_flag(aro_world, tmp_path, capsys):
+    rc = cli_main(["eval", "--model", "clove-micro", "--device", "cpu", "--sugarcrepe", aro_world.aro_dir])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "no SugarCrepe subset file" in err and "an ARO set" in err
+    rc = cli_main(["eval", "--model", "clove-micro", "--device", "cpu", "--aro", aro_world.sugarcrepe_dir])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "no ARO file" in err and "a SugarCrepe set" in err
+    (tmp_path / "empty").mkdir()
+    rc = cli_main(["eval", "--model", "clove-micro", "--device", "cpu", "--aro", str(tmp_path / "empty")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "not an evaluation set" in err

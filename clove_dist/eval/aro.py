@@ -171,6 +171,12 @@ def _evaluate_vg(subset: str, path: Path, image_dir: Path, model, preprocess, to
     what = "VG-Relation" if subset == "vg_relation" else "VG-Attribution"
     group_field = "relation_name" if subset == "vg_relation" else "attributes"
     entries, malformed = _read_list(path, VG_FIELDS + (group_field,), what)
+    boxed = [e for e in entries if all(isinstance(e[k], (int, float)) and not isinstance(e[k], bool)
+                                       for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))]
+    malformed += len(entries) - len(boxed)
+    entries = boxed
+    if not entries:
+        raise ValueError(f"{path}: no entry has a numeric bbox_x, bbox_y, bbox_w, bbox_h")
     examples, groups = [], []
     for e in entries:
         box = (e["bbox_x"], e["bbox_y"], e["bbox_x"] + e["bbox_w"], e["bbox_y"] + e["bbox_h"])

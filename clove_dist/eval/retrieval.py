@@ -143,7 +143,10 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     if num_without:
         notes.append(f"{num_without} image(s) without a caption: candidates for text -> image only")
     t2i = recall_at_k(scores, t2i_pos, ks)
-    i2t = recall_at_k(scores.T[with_captions], t2i_pos.T[with_captions], ks)
+    if num_without:  # a copy of the matrix without those rows; otherwise the transposed views suffice
+        i2t = recall_at_k(scores.T[with_captions], t2i_pos.T[with_captions], ks)
+    else:
+        i2t = recall_at_k(scores.T, t2i_pos.T, ks)
     result: dict = {f"text_to_image_R@{k}": t2i[k] for k in ks}
     result.update({f"image_to_text_R@{k}": i2t[k] for k in ks})
     result["mean_recall"] = (sum(t2i.values()) + sum(i2t.values())) / (2 * len(ks))
