@@ -1,7 +1,7 @@
 """The `clove-dist` command.
 
     clove-dist demo                                   # the whole CLoVe path on a synthetic world, one table
-    clove-dist world --out data/world                 # write the synthetic world (shards, SugarCrepe set, zero-shot set)
+    clove-dist world --out data/world                 # the synthetic world: shards and every evaluation set
     clove-dist train --config configs/debug.yaml [--set optim.lr=1e-5 ...]
     clove-dist negatives --shards 'data/world/train/{00000..00003}.tar' --workers 2
     clove-dist patch --pretrained A --finetuned B --alpha 0.6 --out C.safetensors

@@ -274,5 +274,5 @@ def build_reporters(run_cfg_or_list: Any, run_dir: str | os.PathLike, is_main: b
     return MultiReporter(sinks)
 
 
-__all__ = ["build_reporters", "sink_names", "hard_negative_stats", "Reporter", "NullReporter", "JsonlReporter", "TensorBoardReporter",
-           "WandbReporter", "MultiReporter", "METRIC_NAMES", "SINKS"]
+__all__ = ["build_reporters", "sink_names", "hard_negative_stats", "Reporter", "NullReporter", "JsonlReporter",
+           "TensorBoardReporter", "WandbReporter", "MultiReporter", "METRIC_NAMES", "SINKS"]
