@@ -128,7 +128,7 @@ class JsonlReporter:
         self._file = self.path.open("a", encoding="utf-8")
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, default=str) + "\n")  # a Path or tensor field never breaks a line
         self._file.flush()
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -187,8 +187,7 @@ class WandbReporter:
                             "run.report_to") from None
         (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
         self._wandb = wandb
-        self._run = wandb.init(mode="offline", dir=str(run_dir), name=name, config=dict(config or {}),
-                               reinit=True)
+        self._run = wandb.init(mode="offline", dir=str(run_dir), name=name, config=dict(config or {}))
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         data = {_tag(k): n for k, v in scalars.items() if (n := _number(v)) is not None}

@@ -30,7 +30,7 @@ def test_jsonl_and_tensorboard_hold_what_was_logged(tmp_path):
     rep = build_reporters(cfg.run, tmp_path, is_main=True)
     for step in (10, 20, 30):
         rep.log(step, {k: v * step for k, v in STEP_METRICS.items()} | {"nan_loss": float("nan")})
-    rep.event("eval", 30, sugarcrepe_average=0.81, note="text fields stay in jsonl only")
+    rep.event("eval", 30, sugarcrepe_average=0.81, note="text fields stay in jsonl only", where=tmp_path)
     rep.log(30, {"eval/zeroshot_top1": 0.4})
     rep.close()
 
@@ -39,7 +39,7 @@ def test_jsonl_and_tensorboard_hold_what_was_logged(tmp_path):
     assert lines[1]["loss_i2t"] == pytest.approx(16.0) and lines[1]["negatives"] == 5120
     assert lines[0]["nan_loss"] == "nan"  # JSON has no NaN: kept readable, never a broken line
     assert lines[3] == {"step": 30, "event": "eval", "sugarcrepe_average": 0.81,
-                        "note": "text fields stay in jsonl only"}
+                        "note": "text fields stay in jsonl only", "where": str(tmp_path)}
 
     scalars = _read_tensorboard(tmp_path / "tensorboard")
     for name, value in STEP_METRICS.items():
