@@ -127,6 +127,7 @@ class EvalConfig:
     strict: bool = True  # fail instead of scoring a subset when too many images are missing
     max_missing_share: float = 0.0  # strict: the largest share of a set's images allowed to be missing
     wait_timeout_s: float = 14400.0  # how long other ranks wait for rank 0's evaluation before giving up
+    sharded: bool = False  # every rank encodes 1/world_size of each set (needs the full weights on every rank)
 
 
 @dataclass(frozen=True)

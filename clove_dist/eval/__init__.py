@@ -46,9 +46,18 @@ def model_dtype(model) -> torch.dtype:
 
 
 def encode_texts(model, tokenizer: Callable, texts: Sequence[str], *, device: str | torch.device = "cpu",
-                 batch_size: int = 64, progress: bool = False, desc: str = "texts") -> torch.Tensor:
-    """(N, D) fp32 L2-normalised text features on the CPU, encoded batch_size texts at a time."""
+                 batch_size: int = 64, progress: bool = False, desc: str = "texts", shard=None) -> torch.Tensor:
+    """(N, D) fp32 L2-normalised text features on the CPU, encoded batch_size texts at a time.
+
+    shard (eval.sharding.Shard): this rank encodes texts i with i % world_size == rank; all rows are gathered.
+    """
     _check_batch_size(batch_size)
+    from .sharding import active, gather_rows
+    if active(shard):
+        mine = [i for i in range(len(texts)) if shard.mine(i)]
+        local = encode_texts(model, tokenizer, [texts[i] for i in mine], device=device, batch_size=batch_size,
+                             progress=progress, desc=desc)
+        return gather_rows(mine, local, [None] * len(mine), shard)[1]
     chunks = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress):
         tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
@@ -78,18 +87,19 @@ def evaluate_all(model, preprocess: Callable, tokenizer: Callable, *, sugarcrepe
                  sugarcrepe_image_dir: str = "", zeroshot_dir: str = "", retrieval_dir: str = "", aro_dir: str = "",
                  aro_coco_root: str = "", aro_flickr_root: str = "", device: str | torch.device = "cpu",
                  batch_size: int = 64, progress: bool = False, strict: bool = True, max_missing_share: float = 0.0,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, shard=None) -> dict:
     """Run every evaluation whose directory is given; {"sugarcrepe", "zeroshot", "retrieval", "aro"} (given ones).
 
     sugarcrepe_image_dir: where the SugarCrepe images are ("" = sugarcrepe_dir/images; for the real benchmark,
     COCO val2017). aro_coco_root / aro_flickr_root: image roots of COCO-Order / Flickr30k-Order ("" = aro_dir).
     strict / max_missing_share: fail, instead of scoring a subset, when more than that share of a set's images
-    is missing or unreadable. seed: the ARO order perturbations.
+    is missing or unreadable. seed: the ARO order perturbations. shard (eval.sharding.Shard, e.g.
+    Shard.current()): every rank encodes its share of the images and texts and returns the same full result.
     """
     from . import aro, retrieval, sugarcrepe, zeroshot  # here, not at the top: they import the encoders above
 
     common = dict(device=device, batch_size=batch_size, progress=progress, strict=strict,
-                  max_missing_share=max_missing_share)
+                  max_missing_share=max_missing_share, shard=shard)
     results: dict = {}
     if sugarcrepe_dir:
         results["sugarcrepe"] = sugarcrepe.evaluate(model, preprocess, tokenizer, sugarcrepe_dir,

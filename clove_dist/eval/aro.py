@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
 from .aro_order import OrderPerturber
+from .sharding import Shard, gather_rows
 from .wds_layout import check_missing_share, describe_kind
 
 SUBSET_FILES: dict[str, str] = {"vg_relation": "visual_genome_relation.json",
@@ -113,14 +114,16 @@ def _open_image(path: Path, box: tuple | None, preprocess: Callable) -> torch.Te
 
 
 def _image_batches(keys: list[tuple[str, tuple | None]], preprocess: Callable, batch_size: int,
-                   loaded: list[tuple[str, tuple | None]], desc: str, progress: bool) -> Iterator[torch.Tensor]:
+                   loaded: list[int], desc: str, progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
     batch: list[torch.Tensor] = []
-    for key in tqdm(keys, desc=desc, disable=not progress):
+    for i, key in enumerate(tqdm(keys, desc=desc, disable=not progress)):
+        if shard is not None and not shard.mine(i):
+            continue
         tensor = _open_image(Path(key[0]), key[1], preprocess)
         if tensor is None:
             continue
         batch.append(tensor)
-        loaded.append(key)
+        loaded.append(i)
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []
@@ -129,19 +132,21 @@ def _image_batches(keys: list[tuple[str, tuple | None]], preprocess: Callable, b
 
 
 def _score(model, preprocess: Callable, tokenizer: Callable, examples: list[tuple[tuple, list[str]]], *,
-           device, batch_size: int, progress: bool, desc: str) -> tuple[list[torch.Tensor | None], int, int]:
+           device, batch_size: int, progress: bool, desc: str, shard: Shard | None
+           ) -> tuple[list[torch.Tensor | None], int, int]:
     """Cosine scores of each example's options against its image: ([(num_options,) or None when the image is
     missing], number of unique images, number of those missing)."""
     keys = sorted({key for key, _ in examples}, key=repr)
-    loaded: list[tuple] = []
+    loaded: list[int] = []
     with eval_mode(model):
         image_features = encode_image_batches(
-            model, _image_batches(keys, preprocess, batch_size, loaded, f"{desc} images", progress),
+            model, _image_batches(keys, preprocess, batch_size, loaded, f"{desc} images", progress, shard),
             device=device)  # (num_loaded, D)
-        index = {k: i for i, k in enumerate(loaded)}
+        loaded, image_features, _ = gather_rows(loaded, image_features, [None] * len(loaded), shard)
+        index = {keys[j]: i for i, j in enumerate(loaded)}
         texts = sorted({t for key, options in examples if key in index for t in options})
         text_features = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size,
-                                     progress=progress, desc=f"{desc} texts")  # (num_texts, D)
+                                     progress=progress, desc=f"{desc} texts", shard=shard)  # (num_texts, D)
     text_index = {t: i for i, t in enumerate(texts)}
     scores: list[torch.Tensor | None] = []
     for key, options in examples:
@@ -167,7 +172,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _evaluate_vg(subset: str, path: Path, image_dir: Path, model, preprocess, tokenizer, *, device, batch_size,
-                 progress, strict, max_missing_share) -> dict:
+                 progress, strict, max_missing_share, shard) -> dict:
     what = "VG-Relation" if subset == "vg_relation" else "VG-Attribution"
     group_field = "relation_name" if subset == "vg_relation" else "attributes"
     entries, malformed = _read_list(path, VG_FIELDS + (group_field,), what)
@@ -185,7 +190,7 @@ def _evaluate_vg(subset: str, path: Path, image_dir: Path, model, preprocess, to
         groups.append("_".join(map(str, g)) if isinstance(g, (list, tuple)) else str(g))
     _check_files(examples, f"ARO {what} ({path})", strict, max_missing_share, image_dir)
     scores, num_images, num_missing = _score(model, preprocess, tokenizer, examples, device=device,
-                                             batch_size=batch_size, progress=progress, desc=subset)
+                                             batch_size=batch_size, progress=progress, desc=subset, shard=shard)
     check_missing_share(f"ARO {what} ({path})", num_missing, num_images, strict, max_missing_share,
                         str(image_dir))
     correct: dict[str, list[bool]] = defaultdict(list)
@@ -213,7 +218,7 @@ def _evaluate_vg(subset: str, path: Path, image_dir: Path, model, preprocess, to
 
 
 def _evaluate_order(subset: str, path: Path, image_root: Path, perturber: OrderPerturber, model, preprocess,
-                    tokenizer, *, device, batch_size, progress, strict, max_missing_share) -> dict:
+                    tokenizer, *, device, batch_size, progress, strict, max_missing_share, shard) -> dict:
     what = "COCO-Order" if subset == "coco_order" else "Flickr30k-Order"
     entries, malformed = _read_list(path, ORDER_FIELDS, what)
     captions, streams, keys = [], [], []
@@ -230,7 +235,7 @@ def _evaluate_order(subset: str, path: Path, image_root: Path, perturber: OrderP
     options = perturber.options_many(captions, streams)
     examples = [(key, opts) for key, opts in zip(keys, options)]
     scores, num_images, num_missing = _score(model, preprocess, tokenizer, examples, device=device,
-                                             batch_size=batch_size, progress=progress, desc=subset)
+                                             batch_size=batch_size, progress=progress, desc=subset, shard=shard)
     check_missing_share(f"ARO {what} ({path})", num_missing, num_images, strict, max_missing_share,
                         str(image_root))
     num_correct = num_evaluated = num_trivial = 0
@@ -253,7 +258,8 @@ def _evaluate_order(subset: str, path: Path, image_root: Path, perturber: OrderP
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | os.PathLike, *,
              coco_root: str | os.PathLike | None = None, flickr_root: str | os.PathLike | None = None,
              device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False, seed: int = 0,
-             strict: bool = True, max_missing_share: float = 0.0, spacy_model: str = "en_core_web_sm") -> dict:
+             strict: bool = True, max_missing_share: float = 0.0, spacy_model: str = "en_core_web_sm",
+             shard: Shard | None = None) -> dict:
     """Every ARO subset present under data_dir (see the module docstring); {subset: {...}, "average": mean of
     the subsets' headline accuracies, "missing_subsets": [...], "notes": [...]}."""
     _check_batch_size(batch_size)
@@ -264,7 +270,7 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     if not present:
         raise ValueError(f"no ARO file ({', '.join(SUBSET_FILES.values())}) in {root}: it is {describe_kind(root)}")
     common = dict(device=device, batch_size=batch_size, progress=progress, strict=strict,
-                  max_missing_share=max_missing_share)
+                  max_missing_share=max_missing_share, shard=shard)
     result: dict = {}
     perturber = OrderPerturber(seed=seed, spacy_model=spacy_model)
     for subset, path in present.items():

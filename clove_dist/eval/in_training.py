@@ -17,6 +17,11 @@ poll the file system for that result file (or the error file rank 0 writes if it
 same numbers. The run directory must therefore be on a file system every node sees, as checkpoints are.
 
 Evaluating the fp32 master weights rank 0 gathers is evaluating exactly what an export at that step would hold.
+
+With `eval.sharded: true` every rank keeps the gathered weights (full_state_dict(..., keep=True) on all ranks)
+and encodes every world_size-th image and text; features are gathered (all_gather_object) and every rank
+computes the same metrics, in about 1/world_size of the time. The gathers are collectives, so every rank must
+call run() at the same steps; rank 0 still writes the result file and logs.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 from . import evaluate_all, headline_metrics
+from .sharding import Shard
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -93,8 +99,9 @@ class TrainingEvaluator:
             if number.isdigit() and int(number) > step:
                 path.unlink(missing_ok=True)
 
-    def evaluate(self, state: dict[str, torch.Tensor]) -> dict:
-        """All configured evaluations of the weights in `state` (rank 0's part of run())."""
+    def evaluate(self, state: dict[str, torch.Tensor], shard: Shard | None = None) -> dict:
+        """All configured evaluations of the weights in `state` (with a shard: this rank's share of the
+        encoding, the same full result on every rank)."""
         clip, preprocess, tokenizer = self._eval_model(state)
         c = self.cfg
         return evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=c.sugarcrepe_dir,
@@ -103,7 +110,7 @@ class TrainingEvaluator:
                             aro_coco_root=getattr(c, "aro_coco_root", ""),
                             aro_flickr_root=getattr(c, "aro_flickr_root", ""), device=self.device,
                             batch_size=c.batch_size, strict=c.strict, max_missing_share=c.max_missing_share,
-                            seed=self.seed)
+                            seed=self.seed, shard=shard)
 
     def run(self, step: int, state: dict[str, torch.Tensor] | None, *, is_main: bool, reporter: Any = None,
             timeout_s: float | None = None) -> dict[str, float]:
@@ -111,6 +118,20 @@ class TrainingEvaluator:
         the headline metrics ({"eval/...": value}). EvaluationFailed on every rank if rank 0's evaluation fails;
         TimeoutError when waiting longer than timeout_s (None: eval.wait_timeout_s)."""
         done, failed = self.paths(step)
+        shard = Shard.current() if getattr(self.cfg, "sharded", False) else None
+        if shard is not None:  # every rank holds the weights and encodes its share; no waiting
+            if state is None:
+                raise ValueError("eval.sharded: every rank needs the gathered state dict (keep=True on all ranks)")
+            t0 = time.perf_counter()
+            results = self.evaluate(state, shard)
+            results.update(step=step, eval_s=time.perf_counter() - t0, num_ranks=shard.world_size)
+            headline = headline_metrics(results)
+            if is_main:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write_text(done, json.dumps(results, indent=2) + "\n")
+                if reporter is not None:
+                    reporter.log(step, {**headline, "eval/eval_s": results["eval_s"]})
+            return headline
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             if state is None:

@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from .sharding import Shard, gather_rows, sum_counts
 from .wds_layout import ShardDamage, check_missing_share, dataset_type, describe_kind, image_bytes, samples, shards
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
@@ -63,10 +64,15 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ..
 
 
 def _load(shard_paths: list[Path], preprocess: Callable, batch_size: int, captions: list[list[str]],
-          stats: dict[str, int], damage: ShardDamage, progress: bool) -> Iterator[torch.Tensor]:
-    """Yield (B, 3, H, W) batches of readable images; append each one's captions to `captions` in order."""
+          loaded: list[int], stats: dict[str, int], damage: ShardDamage, progress: bool, shard: Shard | None
+          ) -> Iterator[torch.Tensor]:
+    """Yield (B, 3, H, W) batches of readable images (this rank's share); append each one's captions to
+    `captions` and its sample index to `loaded`, in order."""
     batch: list[torch.Tensor] = []
-    for _key, sample in tqdm(samples(shard_paths, damage), desc="retrieval images", disable=not progress):
+    for i, (_key, sample) in enumerate(tqdm(samples(shard_paths, damage), desc="retrieval images",
+                                            disable=not progress)):
+        if shard is not None and not shard.mine(i):
+            continue
         stats["num_samples"] += 1
         data = image_bytes(sample)
         try:
@@ -84,6 +90,7 @@ def _load(shard_paths: list[Path], preprocess: Callable, batch_size: int, captio
             continue
         batch.append(tensor)
         captions.append(text.splitlines())
+        loaded.append(i)
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []
@@ -102,7 +109,8 @@ def check_directory(root: Path) -> None:
 
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | os.PathLike, *,
              device: str | torch.device = "cpu", batch_size: int = 64, split: str = "test", progress: bool = False,
-             strict: bool = True, max_missing_share: float = 0.0, ks: tuple[int, ...] = RECALL_KS) -> dict:
+             strict: bool = True, max_missing_share: float = 0.0, ks: tuple[int, ...] = RECALL_KS,
+             shard: Shard | None = None) -> dict:
     """Recall@K in both directions (see the module docstring). Keys: text_to_image_R@K, image_to_text_R@K
     (fractions in [0, 1]), mean_recall (mean of all of them), num_images, num_texts,
     num_images_without_captions, num_skipped, num_damaged_shards, notes."""
@@ -114,16 +122,19 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
         raise ValueError(f"retrieval split directory not found: {split_dir}")
     shard_paths = shards(split_dir)
     captions: list[list[str]] = []
+    loaded: list[int] = []
     stats = {"num_samples": 0, "num_skipped": 0}
     damage = ShardDamage()
     with eval_mode(model):
         image_features = encode_image_batches(
-            model, _load(shard_paths, preprocess, batch_size, captions, stats, damage, progress),
+            model, _load(shard_paths, preprocess, batch_size, captions, loaded, stats, damage, progress, shard),
             device=device)  # (I, D)
+        _, image_features, captions = gather_rows(loaded, image_features, captions, shard)
+        stats = sum_counts(stats, shard)
         texts = [c for caps in captions for c in caps]
         text_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)  # (T,)
         text_features = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size,
-                                     progress=progress, desc="retrieval texts")  # (T, D)
+                                     progress=progress, desc="retrieval texts", shard=shard)  # (T, D)
     notes = []
     if damage.note():
         notes.append(damage.note())

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from .sharding import Shard, gather_rows, sum_counts
 from .wds_layout import (IMAGE_EXTENSIONS, ShardDamage, check_missing_share, dataset_type, describe_kind, image_bytes,
                          samples, shards)
 
@@ -52,10 +53,13 @@ def read_classnames(path: Path) -> list[str]:
 
 
 def _image_batches(shard_paths: list[Path], preprocess: Callable, num_classes: int, batch_size: int,
-                   labels: list[int], counts: dict[str, int], damage: ShardDamage, progress: bool
-                   ) -> Iterator[torch.Tensor]:
+                   labels: list[int], loaded: list[int], counts: dict[str, int], damage: ShardDamage,
+                   progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
     batch: list[torch.Tensor] = []
-    for _key, sample in tqdm(samples(shard_paths, damage), desc="zeroshot images", disable=not progress):
+    for i, (_key, sample) in enumerate(tqdm(samples(shard_paths, damage), desc="zeroshot images",
+                                            disable=not progress)):
+        if shard is not None and not shard.mine(i):
+            continue
         counts["num_samples"] += 1
         data = image_bytes(sample)
         try:
@@ -73,6 +77,7 @@ def _image_batches(shard_paths: list[Path], preprocess: Callable, num_classes: i
             continue
         batch.append(tensor)
         labels.append(label)
+        loaded.append(i)
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []
@@ -81,11 +86,12 @@ def _image_batches(shard_paths: list[Path], preprocess: Callable, num_classes: i
 
 
 def classifier(model, tokenizer: Callable, classnames: list[str], templates: list[str] | tuple[str, ...], *,
-               device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+               device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False,
+               shard: Shard | None = None) -> torch.Tensor:
     """(C, D) class embeddings: per class, the normalised mean of the normalised template embeddings."""
     texts = [t.replace("{c}", name) for name in classnames for t in templates]
     feats = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size, progress=progress,
-                         desc="zeroshot classes")  # (C * T, D)
+                         desc="zeroshot classes", shard=shard)  # (C * T, D)
     mean = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, D)
     return torch.nn.functional.normalize(mean, dim=-1)
 
@@ -102,7 +108,8 @@ def _per_class_names(classnames: list[str]) -> list[str]:
 
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | os.PathLike, *,
              device: str | torch.device = "cpu", batch_size: int = 64, split: str = "test",
-             progress: bool = False, strict: bool = True, max_missing_share: float = 0.0) -> dict:
+             progress: bool = False, strict: bool = True, max_missing_share: float = 0.0,
+             shard: Shard | None = None) -> dict:
     """Zero-shot accuracy of `model` on a CLIP_benchmark webdataset directory (see the module docstring)."""
     _check_batch_size(batch_size)
     root = Path(data_dir)
@@ -135,15 +142,18 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     shard_paths = shards(split_dir)
 
     labels: list[int] = []
+    loaded: list[int] = []
     counts = {"num_samples": 0, "num_skipped": 0}
     damage = ShardDamage()
     with eval_mode(model):
         weights = classifier(model, tokenizer, classnames, templates, device=device, batch_size=batch_size,
-                             progress=progress)  # (C, D)
+                             progress=progress, shard=shard)  # (C, D)
         feats = encode_image_batches(
-            model, _image_batches(shard_paths, preprocess, len(classnames), batch_size, labels, counts, damage,
-                                  progress),
+            model, _image_batches(shard_paths, preprocess, len(classnames), batch_size, labels, loaded, counts,
+                                  damage, progress, shard),
             device=device)  # (N, D)
+    _, feats, labels = gather_rows(loaded, feats, labels, shard)
+    counts = sum_counts(counts, shard)
     if damage.note():
         notes.append(damage.note())
     if counts["num_skipped"]:
