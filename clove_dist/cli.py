@@ -1,11 +1,12 @@
 """The `clove-dist` command.
 
     clove-dist demo                                   # the whole CLoVe path on a synthetic world, one table
-    clove-dist world --out data/world                 # write the synthetic world (shards, SugarCrepe set, zero-shot set)
+    clove-dist world --out data/world                 # the synthetic world: shards and every evaluation set
     clove-dist train --config configs/debug.yaml [--set optim.lr=1e-5 ...]
     clove-dist negatives --shards 'data/world/train/{00000..00003}.tar' --workers 2
     clove-dist patch --pretrained A --finetuned B --alpha 0.6 --out C.safetensors
-    clove-dist eval --model clove-tiny --pretrained C.safetensors --sugarcrepe DIR --zeroshot DIR [--out r.json]
+    clove-dist eval --model clove-tiny --pretrained C.safetensors --sugarcrepe DIR --zeroshot DIR \\
+        --retrieval DIR --aro DIR [--no-strict] [--out r.json]
     clove-dist bench loss|negatives [args]            # benchmark scripts of a source checkout
 
 Each subcommand is a `main(argv) -> int` of its own module; this file only dispatches.
@@ -26,7 +27,7 @@ COMMANDS = {
     "train": ("clove_dist.train", "train (single process, torchrun or srun)"),
     "negatives": ("clove_dist.negatives.precompute", "parse captions once and write negatives sidecars"),
     "patch": ("clove_dist.patching", "interpolate pre-trained and fine-tuned weights"),
-    "eval": ("clove_dist.cli", "evaluate a model on SugarCrepe-format and zero-shot sets"),
+    "eval": ("clove_dist.cli", "evaluate a model on SugarCrepe, ARO, zero-shot and retrieval sets"),
     "bench": ("clove_dist.cli", "run a benchmark script of a source checkout"),
 }
 
@@ -39,12 +40,22 @@ def eval_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sugarcrepe", default="", help="SugarCrepe-format directory")
     ap.add_argument("--sugarcrepe-images", default="", help="image folder (default: <sugarcrepe>/images)")
     ap.add_argument("--zeroshot", default="", help="CLIP_benchmark-format classification directory")
+    ap.add_argument("--retrieval", default="", help="CLIP_benchmark-format retrieval directory (dataset_type.txt)")
+    ap.add_argument("--aro", default="", help="ARO directory (visual_genome_*.json + images/, *_test.json)")
+    ap.add_argument("--aro-coco-root", default="", help="COCO-Order image root (default: <aro>)")
+    ap.add_argument("--aro-flickr-root", default="", help="Flickr30k-Order image root (default: <aro>)")
+    ap.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                    help="fail when more than --max-missing-share of a set's images is missing (default: on)")
+    ap.add_argument("--max-missing-share", type=float, default=0.0, help="allowed share of missing images")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the ARO order perturbations")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default="", help="write the results here as JSON")
     args = ap.parse_args(argv)
-    if not (args.sugarcrepe or args.zeroshot):
-        raise UserError("eval: give --sugarcrepe DIR and/or --zeroshot DIR")
+    if not (args.sugarcrepe or args.zeroshot or args.retrieval or args.aro):
+        raise UserError("eval: give at least one of --sugarcrepe, --zeroshot, --retrieval, --aro DIR")
+    if not 0.0 <= args.max_missing_share <= 1.0:
+        raise UserError(f"eval: --max-missing-share {args.max_missing_share!r} must be in [0, 1]")
     from . import model as cmodel
     from .config import ModelConfig
     from .dist import pick_device
@@ -54,7 +65,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         results = evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=args.sugarcrepe,
                                sugarcrepe_image_dir=args.sugarcrepe_images, zeroshot_dir=args.zeroshot,
-                               device=device, batch_size=args.batch_size, progress=True)
+                               retrieval_dir=args.retrieval, aro_dir=args.aro, aro_coco_root=args.aro_coco_root,
+                               aro_flickr_root=args.aro_flickr_root, device=device, batch_size=args.batch_size,
+                               progress=True, strict=args.strict, max_missing_share=args.max_missing_share,
+                               seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"eval: {e}") from None
     results["model"] = {"name": args.model, "pretrained": args.pretrained}

@@ -33,6 +33,7 @@ class RunConfig:
     seed: int = 0  # seeds model init, data order and negatives
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     log_every: int = 10  # steps between metric lines
+    report_to: tuple[str, ...] = ("jsonl",)  # metric sinks: jsonl (metrics.jsonl) | tensorboard | wandb (offline)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,15 @@ class EvalConfig:
     sugarcrepe_dir: str = ""  # SugarCrepe-format directory (JSON files + images); "" = skip
     zeroshot_dir: str = ""  # CLIP_benchmark-format classification directory; "" = skip
     batch_size: int = 64  # evaluation batch size
+    retrieval_dir: str = ""  # CLIP_benchmark-format retrieval directory (dataset_type.txt: retrieval); "" = skip
+    aro_dir: str = ""  # ARO directory (visual_genome_*.json + images/, coco_karpathy_test.json ...); "" = skip
+    aro_coco_root: str = ""  # COCO-Order image root (holds val2014/); "" = aro_dir
+    aro_flickr_root: str = ""  # Flickr30k-Order image root (holds flickr30k-images/); "" = aro_dir
+    every_steps: int = 0  # evaluate the current weights every N training steps on rank 0; 0 = only at the end
+    strict: bool = True  # fail instead of scoring a subset when too many images are missing
+    max_missing_share: float = 0.0  # strict: the largest share of a set's images allowed to be missing
+    wait_timeout_s: float = 14400.0  # how long other ranks wait for rank 0's evaluation before giving up
+    sharded: bool = False  # every rank encodes 1/world_size of each set (needs the full weights on every rank)
 
 
 @dataclass(frozen=True)
@@ -271,7 +281,7 @@ def validate(cfg: Config) -> None:
     non_negative = ["data.num_workers", "data.shuffle_buffer", "optim.warmup_steps", "optim.grad_clip",
                     "optim.weight_decay", "train.max_steps", "checkpoint.every_steps", "run.log_every",
                     "distributed.stage3_param_persistence_threshold", "data.max_negatives_per_batch",
-                    "negatives.max_caption_chars"]
+                    "negatives.max_caption_chars", "eval.every_steps"]
     for dotted in positive + non_negative:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -289,6 +299,15 @@ def validate(cfg: Config) -> None:
     for a in cfg.patching.alphas:
         if not 0.0 <= a <= 1.0:
             raise ConfigError(f"patching.alphas: {a!r} must be in [0, 1]")
+    if not 0.0 <= cfg.eval.max_missing_share <= 1.0:
+        raise ConfigError(f"eval.max_missing_share: {cfg.eval.max_missing_share!r} must be in [0, 1]")
+    if not cfg.eval.wait_timeout_s > 0:
+        raise ConfigError(f"eval.wait_timeout_s: {cfg.eval.wait_timeout_s!r} must be > 0")
+    for sink in cfg.run.report_to:
+        if sink not in ("jsonl", "tensorboard", "wandb"):
+            raise ConfigError(f"run.report_to: {sink!r} is not one of jsonl, tensorboard, wandb")
+    if len(set(cfg.run.report_to)) != len(cfg.run.report_to):
+        raise ConfigError(f"run.report_to: {list(cfg.run.report_to)} names a sink twice")
     if not cfg.data.caption_key:
         raise ConfigError("data.caption_key: must not be empty (e.g. json.top_caption or txt)")
 

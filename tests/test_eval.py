@@ -155,7 +155,9 @@ def test_sugarcrepe_skips_missing_images_malformed_entries_and_subsets(table_sug
     data["901"] = {"filename": f"{1:012d}.jpg", "caption": "only a caption"}
     data["902"] = "not an entry"
     (root / "swap_att.json").write_text(json.dumps(data))
-    res = sugarcrepe.evaluate(model, id_preprocess, tokenizer, root, batch_size=4)
+    with pytest.raises(ValueError, match=r"1 of 10 images missing or unreadable .*--no-strict"):
+        sugarcrepe.evaluate(model, id_preprocess, tokenizer, root, batch_size=4)
+    res = sugarcrepe.evaluate(model, id_preprocess, tokenizer, root, batch_size=4, strict=False)
     assert res["missing_subsets"] == ["swap_obj", "add_obj"]
     assert "swap_obj" not in res and "add_obj" not in res
     want = _expected_metrics(expected)
@@ -283,7 +285,10 @@ def test_zeroshot_known_top1_and_no_top5_below_five_classes(tmp_path):
     samples.append(("s0000102", {"webp": b"not an image", "cls": b"1"}))  # unreadable: skipped
     _write_clip_benchmark(tmp_path, classnames, templates, samples, per_shard=4)
     model = TableModel(means[labels], text_vecs)
-    res = zeroshot.evaluate(model, id_preprocess, TableTokenizer(texts), tmp_path, batch_size=2)
+    with pytest.raises(ValueError, match=r"3 of 10 images missing or unreadable"):
+        zeroshot.evaluate(model, id_preprocess, TableTokenizer(texts), tmp_path, batch_size=2)
+    res = zeroshot.evaluate(model, id_preprocess, TableTokenizer(texts), tmp_path, batch_size=2,
+                            max_missing_share=0.3)  # 3 of 10 is not more than 30%
     assert res["top1"] == 1.0 and "top5" not in res
     assert res["per_class"] == {c: 1.0 for c in classnames}
     assert (res["num_examples"], res["num_skipped"]) == (7, 3) and "3 sample(s) skipped" in res["notes"][0]
@@ -297,7 +302,7 @@ def test_zeroshot_user_errors(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         zeroshot.evaluate(model, id_preprocess, tok, tmp_path / "nowhere")
     (tmp_path / "a").mkdir()
-    with pytest.raises(ValueError, match="no classnames.txt"):
+    with pytest.raises(ValueError, match="not a zero-shot classification set .* not an evaluation set"):
         zeroshot.evaluate(model, id_preprocess, tok, tmp_path / "a")
     _write_clip_benchmark(tmp_path / "b", ["x", "y"], ["a photo"], [("s0000000", {"cls": b"0"})], 5)
     with pytest.raises(ValueError, match=r"template 'a photo' .* has no \{c\}"):
@@ -311,7 +316,7 @@ def test_zeroshot_user_errors(tmp_path):
     (tmp_path / "b" / "test" / "nshards.txt").write_text("1\n")
     shard = tmp_path / "b" / "test" / "0.tar"
     shard.write_bytes(b"\x00not a tar" * 100)
-    with pytest.raises(ValueError, match="0.tar is not a readable tar file"):
+    with pytest.raises(ValueError, match=r"no usable sample .* 1 damaged shard"):
         zeroshot.evaluate(model, id_preprocess, tok, tmp_path / "b")
 
 
@@ -339,8 +344,9 @@ def tiny_clip():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    return write_world(tmp_path_factory.mktemp("evalworld"), seed=1, num_train=1, samples_per_shard=1,
-                       num_eval_per_subset=6, num_zeroshot_per_class=2, image_size=64, progress=False)
+    return write_world(tmp_path_factory.mktemp("evalworld"), seed=1, num_train=1, samples_per_shard=20,
+                       num_eval_per_subset=6, num_zeroshot_per_class=2, image_size=64, num_retrieval_images=30,
+                       num_aro_per_subset=8, progress=False)
 
 
 def test_sugarcrepe_on_open_clip_matches_the_official_loop(tiny_clip, small_world):

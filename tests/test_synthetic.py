@@ -35,6 +35,7 @@ _NP = rf"a(?: ({'|'.join(SIZES)}))?(?: ({'|'.join(PALETTE)}))? ({'|'.join(SHAPES
 _CAPTION = re.compile(rf"^{_NP}(?: ({'|'.join(RELATIONS)}) {_NP})?$")
 
 NUM_TRAIN, PER_SHARD, NUM_EVAL, PER_CLASS = 150, 64, 12, 2
+NUM_RETRIEVAL, NUM_ARO = 70, 12
 
 
 def parse(text: str) -> tuple[list[tuple[str | None, str | None, str]], str]:
@@ -123,7 +124,7 @@ def caption_true_of_scene(text: str, scene: dict) -> bool:
 def world(tmp_path_factory) -> WorldPaths:
     return write_world(tmp_path_factory.mktemp("world"), seed=0, num_train=NUM_TRAIN, samples_per_shard=PER_SHARD,
                        num_eval_per_subset=NUM_EVAL, num_zeroshot_per_class=PER_CLASS, image_size=64,
-                       progress=False)
+                       num_retrieval_images=NUM_RETRIEVAL, num_aro_per_subset=NUM_ARO, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +262,87 @@ def test_zeroshot_in_clip_benchmark_layout(world):
         assert list(found) == [colour] and found[colour]["shape"] == shape, (key, classes[label], found)
         counts[label] += 1
     assert counts == [PER_CLASS] * len(classes)
+
+
+# ----------------------------------------------------------------------------------------------------- retrieval
+
+def _true_paraphrase(text: str, found: dict[str, dict]) -> bool:
+    """Whether one of the world's retrieval/order captions is true of the measured pixels."""
+    text = text.removeprefix("there is ").removesuffix(".")
+    if " and " in text:  # "a red circle and a blue square": both objects, colours bound to shapes, no relation
+        parts = [p.split() for p in text.split(" and ")]
+        return len(found) == 2 and all(len(p) == 3 and p[1] in found and found[p[1]]["shape"] == p[2]
+                                       for p in parts)
+    return caption_true_of_pixels(text, found)  # every other wording names both colours (sizes optional)
+
+
+def test_retrieval_in_clip_benchmark_layout(world):
+    root = Path(world.retrieval_dir)
+    assert (root / "dataset_type.txt").read_text() == "retrieval\n"
+    assert not (root / "classnames.txt").exists()
+    nshards = int((root / "test" / "nshards.txt").read_text())
+    assert nshards == -(-NUM_RETRIEVAL // PER_SHARD) == 2
+    # Read it the way CLIP_benchmark's build_wds_dataset does for dataset_type "retrieval".
+    ds = wds.WebDataset(str(root / "test" / f"{{0..{nshards - 1}}}.tar"), shardshuffle=False,
+                        nodesplitter=lambda src: src).decode("pil").to_tuple("__key__", "webp", "txt")
+    counts, n = Counter(), 0
+    for key, img, txt in ds:
+        assert key == f"s{n:07d}"
+        captions = txt.splitlines()
+        counts[len(captions)] += 1
+        found = measure(img)
+        assert len(found) == 2
+        for c in captions:
+            assert _true_paraphrase(c, found), (key, c, found)
+        n += 1
+    assert n == NUM_RETRIEVAL and set(counts) == {3, 4, 5}
+
+
+# ----------------------------------------------------------------------------------------------------------- aro
+
+def _vg_crop(root: Path, e: dict) -> Image.Image:
+    img = Image.open(root / "images" / e["image_path"]).convert("RGB")
+    return img.crop((e["bbox_x"], e["bbox_y"], e["bbox_x"] + e["bbox_w"], e["bbox_y"] + e["bbox_h"]))
+
+
+def test_aro_visual_genome_files(world):
+    root = Path(world.aro_dir)
+    fields = {"image_id", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "true_caption", "false_caption", "image_path"}
+    relation = json.loads((root / "visual_genome_relation.json").read_text())
+    assert isinstance(relation, list) and len(relation) == NUM_ARO
+    for e in relation:
+        assert set(e) >= fields | {"relation_name"} and e["relation_name"] in RELATIONS
+        full, crop = measure(Image.open(root / "images" / e["image_path"])), measure(_vg_crop(root, e))
+        # The box is the union of both objects: every object pixel is inside it, and the canvas is larger.
+        assert {c: o["count"] for c, o in full.items()} == {c: o["count"] for c, o in crop.items()}
+        assert e["bbox_w"] < Image.open(root / "images" / e["image_path"]).width
+        as_np = lambda t: re.sub(r"^the (\w+) (\w+) is (.+) the (\w+) (\w+)$", r"a \1 \2 \3 a \4 \5", t)
+        assert caption_true_of_pixels(as_np(e["true_caption"]), full), e
+        assert not caption_true_of_pixels(as_np(e["false_caption"]), full), e
+    attribution = json.loads((root / "visual_genome_attribution.json").read_text())
+    pairs = Counter()
+    for e in attribution:
+        assert set(e) >= fields | {"attributes"}
+        first, second = e["attributes"]
+        pairs[(first, second)] += 1
+        found = measure(_vg_crop(root, e))
+        (c1, s1), (c2, s2) = (p.split()[1:] for p in e["true_caption"].split(" and "))
+        assert (c1, c2) == (first, second) and found[c1]["shape"] == s1 and found[c2]["shape"] == s2
+        (f1, g1), (f2, g2) = (p.split()[1:] for p in e["false_caption"].split(" and "))
+        assert (f1, f2, g1, g2) == (second, first, s1, s2)  # the attributes swapped, the nouns kept
+    assert len(pairs) == 4 and max(pairs.values()) - min(pairs.values()) <= 1
+
+
+def test_aro_order_files(world):
+    root = Path(world.aro_dir)
+    for fname, folder in (("coco_karpathy_test.json", "val2014"), ("flickr30k_test.json", "flickr30k-images")):
+        entries = json.loads((root / fname).read_text())
+        assert isinstance(entries, list) and len(entries) == NUM_ARO
+        for e in entries:
+            assert e["image"].startswith(f"{folder}/") and 3 <= len(e["caption"]) <= 5
+            found = measure(Image.open(root / e["image"]))
+            for c in e["caption"]:
+                assert c.endswith(".") and _true_paraphrase(c, found), (e, c, found)
 
 
 # -------------------------------------------------------------------------------------------------- determinism

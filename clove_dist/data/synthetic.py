@@ -25,6 +25,11 @@ Written under OUT:
     zeroshot/                  CLIP_benchmark's webdataset layout: classnames.txt ("red circle", ...),
                                zeroshot_classification_templates.txt ("a photo of a {c}."), test/{0..n}.tar with
                                {key}.webp (lossless) + {key}.cls, test/nshards.txt
+    retrieval/                 CLIP_benchmark's retrieval layout: dataset_type.txt ("retrieval"), test/{0..n}.tar
+                               with {key}.webp + {key}.txt (3-5 true captions, one per line), test/nshards.txt
+    aro/                       ARO's files as distributed: visual_genome_{relation,attribution}.json + images/
+                               (each scene pasted into a larger canvas; bbox_* is the union box of its objects),
+                               coco_karpathy_test.json + val2014/, flickr30k_test.json + flickr30k-images/
     world.json                 the arguments and vocabulary this world was written with
 
 Every file is written to a temporary name and renamed, so a reader never sees half a shard. Tar headers carry no
@@ -102,6 +107,8 @@ class WorldPaths:
     zeroshot_dir: str  # CLIP_benchmark-format directory
     num_train: int  # training samples written
     num_train_shards: int  # training shards written
+    retrieval_dir: str = ""  # CLIP_benchmark-format retrieval directory
+    aro_dir: str = ""  # ARO-format directory (VG-Relation, VG-Attribution, COCO-Order, Flickr30k-Order)
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -417,6 +424,117 @@ def _write_zeroshot(root: Path, seed: int, num_per_class: int, samples_per_shard
     return str(out)
 
 
+_INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
+
+
+def paraphrases(rng: random.Random, scene: Scene) -> list[str]:
+    """Three to five true captions of a two-object scene, several wordings as COCO's five annotators give."""
+    a, b = scene.objects
+    everything = [caption(scene),
+                  f"{describe(b)} {_INVERSE[scene.relation]} {describe(a)}",
+                  caption(scene, frozenset({(0, "size"), (1, "size")})),
+                  f"there is {caption(scene)}",
+                  f"{describe(a, size=False)} and {describe(b, size=False)}"]
+    return everything[:rng.randint(3, 5)]
+
+
+def _write_retrieval(root: Path, seed: int, num_images: int, samples_per_shard: int, image_size: int,
+                     progress: bool) -> str:
+    out = root / "retrieval"
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "dataset_type.txt", b"retrieval\n")
+    num_shards = math.ceil(num_images / samples_per_shard)
+    bar = tqdm(total=num_images, desc="world: retrieval", unit="img", disable=not progress)
+    for shard in range(num_shards):
+        writer = _ShardWriter(out / "test" / f"{shard}.tar")
+        for index in range(shard * samples_per_shard, min(num_images, (shard + 1) * samples_per_shard)):
+            rng = _rng(seed, "retrieval", index)
+            scene = sample_scene(rng, 2)
+            key = f"s{index:07d}"  # CLIP_benchmark's key format; captions one per line in .txt
+            writer.add(f"{key}.webp", _encode(render(scene, image_size), "webp"))
+            writer.add(f"{key}.txt", "\n".join(paraphrases(rng, scene)).encode("utf-8"))
+            bar.update(1)
+        writer.close()
+    bar.close()
+    _atomic_write(out / "test" / "nshards.txt", f"{num_shards}\n".encode())
+    return str(out)
+
+
+# Four ordered colour pairs: with 100 examples each VG-Attribution pair reaches the benchmark's 25-example floor.
+_ARO_ATTRIBUTE_PAIRS: tuple[tuple[str, str], ...] = (("red", "blue"), ("green", "yellow"), ("purple", "orange"),
+                                                     ("blue", "green"))
+
+
+def _vg_image(scene: Scene, image_size: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The scene pasted into a larger black-bordered canvas, as a crop of a bigger photograph, and the union box
+    (x, y, w, h) of its two objects in canvas pixels."""
+    side = image_size * 3 // 2
+    offset = (side - image_size) // 2
+    canvas = Image.new("RGB", (side, side), (0, 0, 0))
+    canvas.paste(render(scene, image_size), (offset, offset))
+    boxes = [((o.cx - o.extent / 2) * image_size, (o.cy - o.extent / 2) * image_size,
+              (o.cx + o.extent / 2) * image_size, (o.cy + o.extent / 2) * image_size) for o in scene.objects]
+    x0 = int(min(b[0] for b in boxes)) + offset
+    y0 = int(min(b[1] for b in boxes)) + offset
+    x1 = math.ceil(max(b[2] for b in boxes)) + offset
+    y1 = math.ceil(max(b[3] for b in boxes)) + offset
+    return canvas, (x0, y0, x1 - x0, y1 - y0)
+
+
+def _the(obj: Obj) -> str:
+    return f"the {obj.colour} {obj.shape}"
+
+
+def _write_aro(root: Path, seed: int, num_per_subset: int, image_size: int, progress: bool) -> str:
+    out = root / "aro"
+    for d in ("images", "val2014", "flickr30k-images"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=4 * num_per_subset, desc="world: aro", unit="img", disable=not progress)
+    relation, attribution = [], []
+    for i in range(num_per_subset):
+        scene = sample_scene(_rng(seed, "aro-vg-relation", i), 2)
+        image_id = 1_000_000 + i
+        canvas, (x, y, w, h) = _vg_image(scene, image_size)
+        _atomic_write(out / "images" / f"{image_id}.jpg", _encode(canvas, "jpg"))
+        a, b = scene.objects
+        relation.append({"image_id": str(image_id), "relation_name": scene.relation, "bbox_x": x, "bbox_y": y,
+                         "bbox_w": w, "bbox_h": h, "true_caption": f"{_the(a)} is {scene.relation} {_the(b)}",
+                         "false_caption": f"{_the(b)} is {scene.relation} {_the(a)}",
+                         "image_path": f"{image_id}.jpg", "subj": _the(a)[4:], "obj": _the(b)[4:]})
+        bar.update(1)
+    for i in range(num_per_subset):
+        first, second = _ARO_ATTRIBUTE_PAIRS[i % len(_ARO_ATTRIBUTE_PAIRS)]
+        base = sample_scene(_rng(seed, "aro-vg-attribution", i), 2)
+        scene = replace(base, objects=(replace(base.objects[0], colour=first), replace(base.objects[1], colour=second)))
+        image_id = 2_000_000 + i
+        canvas, (x, y, w, h) = _vg_image(scene, image_size)
+        _atomic_write(out / "images" / f"{image_id}.jpg", _encode(canvas, "jpg"))
+        a, b = scene.objects
+        attribution.append({"image_id": str(image_id), "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h,
+                            "true_caption": f"the {first} {a.shape} and the {second} {b.shape}",
+                            "false_caption": f"the {second} {a.shape} and the {first} {b.shape}",
+                            "image_path": f"{image_id}.jpg", "attributes": [first, second],
+                            "obj1_name": a.shape, "obj2_name": b.shape})
+        bar.update(1)
+    _atomic_write(out / "visual_genome_relation.json", _json_bytes(relation))
+    _atomic_write(out / "visual_genome_attribution.json", _json_bytes(attribution))
+    for stream, folder, fname, name in (("aro-coco", "val2014", "coco_karpathy_test.json", "COCO_val2014_{:012d}.jpg"),
+                                        ("aro-flickr", "flickr30k-images", "flickr30k_test.json", "{}.jpg")):
+        entries = []
+        for i in range(num_per_subset):
+            rng = _rng(seed, stream, i)
+            scene = sample_scene(rng, 2)
+            image = f"{folder}/{name.format(3_000_000 + i)}"
+            _atomic_write(out / image, _encode(render(scene, image_size), "jpg"))
+            entries.append({"image": image, "caption": [c + "." for c in paraphrases(rng, scene)],
+                            "image_id": str(3_000_000 + i)})
+            bar.update(1)
+        _atomic_write(out / fname, _json_bytes(entries))
+    bar.close()
+    return str(out)
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -424,8 +542,9 @@ def _check_count(name: str, value, minimum: int) -> None:
 
 def write_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 20_000,
                 samples_per_shard: int = 5_000, num_eval_per_subset: int = 500, num_zeroshot_per_class: int = 20,
-                image_size: int = 64, progress: bool = True) -> WorldPaths:
-    """Write the training shards, the SugarCrepe-format set and the zero-shot set under out_dir.
+                image_size: int = 64, num_retrieval_images: int = 200, num_aro_per_subset: int = 100,
+                progress: bool = True) -> WorldPaths:
+    """Write the training shards, the SugarCrepe-format, zero-shot, retrieval and ARO-format sets under out_dir.
 
     Deterministic in `seed` (byte-identical files for the same arguments). ValueError on bad arguments.
     """
@@ -435,6 +554,8 @@ def write_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 2
     _check_count("num_eval_per_subset", num_eval_per_subset, 1)
     _check_count("num_zeroshot_per_class", num_zeroshot_per_class, 1)
     _check_count("image_size", image_size, 16)
+    _check_count("num_retrieval_images", num_retrieval_images, 1)
+    _check_count("num_aro_per_subset", num_aro_per_subset, 1)
     if image_size > 1024:
         raise ValueError(f"image_size must be at most 1024, got {image_size!r}")
     root = Path(out_dir)
@@ -444,9 +565,13 @@ def write_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 2
     train_pattern, num_shards = _write_train(root, seed, num_train, samples_per_shard, image_size, progress)
     sugarcrepe_dir = _write_sugarcrepe(root, seed, num_eval_per_subset, image_size, progress)
     zeroshot_dir = _write_zeroshot(root, seed, num_zeroshot_per_class, samples_per_shard, image_size, progress)
-    paths = WorldPaths(str(root), train_pattern, sugarcrepe_dir, zeroshot_dir, num_train, num_shards)
+    retrieval_dir = _write_retrieval(root, seed, num_retrieval_images, samples_per_shard, image_size, progress)
+    aro_dir = _write_aro(root, seed, num_aro_per_subset, image_size, progress)
+    paths = WorldPaths(str(root), train_pattern, sugarcrepe_dir, zeroshot_dir, num_train, num_shards, retrieval_dir,
+                       aro_dir)
     manifest = {"seed": seed, "num_train": num_train, "samples_per_shard": samples_per_shard,
                 "num_eval_per_subset": num_eval_per_subset, "num_zeroshot_per_class": num_zeroshot_per_class,
+                "num_retrieval_images": num_retrieval_images, "num_aro_per_subset": num_aro_per_subset,
                 "image_size": image_size, "colours": COLOURS, "shapes": SHAPES, "sizes": list(SIZES),
                 "relations": RELATIONS, "paths": asdict(paths)}
     _atomic_write(root / "world.json", _json_bytes(manifest, indent=2))
@@ -463,19 +588,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-eval-per-subset", type=int, default=500, help="examples in each SugarCrepe subset")
     p.add_argument("--num-zeroshot-per-class", type=int, default=20, help="zero-shot test images per class")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--num-retrieval-images", type=int, default=200, help="images of the retrieval set")
+    p.add_argument("--num-aro-per-subset", type=int, default=100, help="examples (images) per ARO subset")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
         paths = write_world(args.out, seed=args.seed, num_train=args.num_train,
                             samples_per_shard=args.samples_per_shard, num_eval_per_subset=args.num_eval_per_subset,
                             num_zeroshot_per_class=args.num_zeroshot_per_class, image_size=args.image_size,
-                            progress=not args.no_progress)
+                            num_retrieval_images=args.num_retrieval_images,
+                            num_aro_per_subset=args.num_aro_per_subset, progress=not args.no_progress)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"train:      {paths.train_pattern} ({paths.num_train} samples)")
     print(f"sugarcrepe: {paths.sugarcrepe_dir}")
     print(f"zeroshot:   {paths.zeroshot_dir}")
+    print(f"retrieval:  {paths.retrieval_dir}")
+    print(f"aro:        {paths.aro_dir}")
     return 0
 
 

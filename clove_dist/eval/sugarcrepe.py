@@ -17,7 +17,8 @@ Result: each subset's accuracy (fraction in [0, 1]) under its own name, the grou
 rel), "swap" (obj, att) and "add" (obj, att), "average" (mean of the subsets present), "counts" per subset
 (num_examples, num_evaluated, num_correct, num_missing_images, num_malformed), "missing_subsets" and "notes".
 A subset whose file is absent is skipped with a note; a directory with none of them is a ValueError. An entry
-whose image is missing or unreadable is counted and skipped, as is an entry lacking one of the three fields.
+whose image is missing or unreadable is counted and skipped, as is an entry lacking one of the three fields; in
+strict mode (the default) more than max_missing_share of the unique images missing is a ValueError instead.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from .sharding import Shard, gather_rows
+from .wds_layout import check_missing_share, describe_kind
 
 SUBSETS: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj",
                             "add_att")
@@ -78,15 +81,18 @@ def load(data_dir: str | os.PathLike) -> tuple[dict[str, list[tuple[str, str, st
                 bad += 1
         examples[subset], malformed[subset] = rows, bad
     if not examples:
-        raise ValueError(f"no SugarCrepe subset file ({', '.join(s + '.json' for s in SUBSETS)}) in {root}")
+        raise ValueError(f"no SugarCrepe subset file ({', '.join(s + '.json' for s in SUBSETS)}) in {root}: it is "
+                         f"{describe_kind(root)}")
     return examples, malformed, missing
 
 
-def _image_batches(names: list[str], image_dir: Path, preprocess: Callable, batch_size: int, loaded: list[str],
-                   progress: bool) -> Iterator[torch.Tensor]:
-    """Yield (B, 3, H, W) batches of the readable images, appending each one's name to `loaded` in order."""
+def _image_batches(names: list[str], image_dir: Path, preprocess: Callable, batch_size: int, loaded: list[int],
+                   progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
+    """Yield (B, 3, H, W) batches of the readable images (this rank's share), appending each one's index."""
     batch: list[torch.Tensor] = []
-    for name in tqdm(names, desc="sugarcrepe images", disable=not progress):
+    for i, name in enumerate(tqdm(names, desc="sugarcrepe images", disable=not progress)):
+        if shard is not None and not shard.mine(i):
+            continue
         path = image_dir / name
         try:
             with Image.open(path) as img:
@@ -94,7 +100,7 @@ def _image_batches(names: list[str], image_dir: Path, preprocess: Callable, batc
         except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError):
             continue
         batch.append(tensor)
-        loaded.append(name)
+        loaded.append(i)
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []
@@ -108,7 +114,8 @@ def _mean(values: list[float]) -> float | None:
 
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | os.PathLike, *,
              image_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 64,
-             progress: bool = False, return_scores: bool = False) -> dict:
+             progress: bool = False, return_scores: bool = False, strict: bool = True,
+             max_missing_share: float = 0.0, shard: Shard | None = None) -> dict:
     """SugarCrepe accuracies of `model` (see the module docstring for the result's keys).
 
     return_scores adds "scores": {subset: {"positive": [...], "negative": [...]}} (cosine similarities of the
@@ -122,16 +129,19 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     notes = [f"subset {s} skipped: no {s}.json in {data_dir}" for s in missing]
 
     unique_images = sorted({name for rows in examples.values() for name, _, _ in rows})
-    loaded: list[str] = []
+    loaded: list[int] = []
     with eval_mode(model):
         image_features = encode_image_batches(
-            model, _image_batches(unique_images, images_root, preprocess, batch_size, loaded, progress),
+            model, _image_batches(unique_images, images_root, preprocess, batch_size, loaded, progress, shard),
             device=device)  # (num_loaded, D)
-        image_index = {name: i for i, name in enumerate(loaded)}
+        loaded, image_features, _ = gather_rows(loaded, image_features, [None] * len(loaded), shard)
+        image_index = {unique_images[j]: i for i, j in enumerate(loaded)}
+        check_missing_share(f"SugarCrepe set {data_dir}", len(unique_images) - len(loaded), len(unique_images),
+                            strict, max_missing_share, str(images_root))
         texts = sorted({t for rows in examples.values() for name, pos, neg in rows if name in image_index
                         for t in (pos, neg)})
         text_features = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size,
-                                     progress=progress, desc="sugarcrepe texts")  # (num_texts, D)
+                                     progress=progress, desc="sugarcrepe texts", shard=shard)  # (num_texts, D)
     text_index = {t: i for i, t in enumerate(texts)}
 
     result: dict = {}

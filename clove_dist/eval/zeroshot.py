@@ -6,7 +6,8 @@
 
 Layout (what CLIP_benchmark's `clip_benchmark_export_wds` writes):
 
-    data_dir/classnames.txt                            one class name per line, label i = line i
+    data_dir/classnames.txt                            one class name per line, label i = line i (blank and
+                                                       repeated lines keep their index, as in CLIP_benchmark)
     data_dir/zeroshot_classification_templates.txt     one prompt per line with {c} for the class name
     data_dir/<split>/nshards.txt                       number of shards n
     data_dir/<split>/{0..n-1}.tar                      {key}.webp | .png | .jpg | .jpeg  and  {key}.cls (label)
@@ -18,13 +19,14 @@ split is read (numeric order); without a templates file "a photo of a {c}." is u
 Result: top1, top5 (only with >= 5 classes), mean_per_class_recall (the mean over classes that have examples, as
 CLIP_benchmark reports), per_class accuracy by class name (None for a class without examples), num_classes,
 num_templates, num_examples, num_skipped (samples without an image or a valid label, or with an unreadable
-image) and notes.
+image), num_damaged_shards (shards that broke off; read up to the damage, never fatal) and notes. In strict mode
+more than max_missing_share of skipped samples is an error. A retrieval set (dataset_type.txt) is rejected with
+one line saying so.
 """
 from __future__ import annotations
 
 import io
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,8 +35,10 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from .sharding import Shard, gather_rows, sum_counts
+from .wds_layout import (IMAGE_EXTENSIONS, ShardDamage, check_missing_share, dataset_type, describe_kind, image_bytes,
+                         samples, shards)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ("webp", "png", "jpg", "jpeg")
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {c}.",)
 
 
@@ -42,69 +46,38 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _shards(split_dir: Path) -> list[Path]:
-    nshards_file = split_dir / "nshards.txt"
-    if nshards_file.is_file():
-        text = nshards_file.read_text().strip()
-        if not text.isdigit() or int(text) < 1:
-            raise ValueError(f"{nshards_file} must hold a positive shard count, got {text!r}")
-        shards = [split_dir / f"{i}.tar" for i in range(int(text))]
-        absent = [str(s) for s in shards if not s.is_file()]
-        if absent:
-            raise ValueError(f"{nshards_file} lists {text} shards but {absent[0]} does not exist")
-        return shards
-    shards = sorted(split_dir.glob("*.tar"), key=lambda p: (int(p.stem) if p.stem.isdigit() else 1 << 62, p.name))
-    if not shards:
-        raise ValueError(f"no nshards.txt and no .tar shards in {split_dir}")
-    return shards
+def read_classnames(path: Path) -> list[str]:
+    """CLIP_benchmark's reading: every line, stripped, is the class of its line number. A blank line and a repeated
+    name keep their label index (dropping them would shift every later label onto the wrong class)."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _samples(shards: list[Path]) -> Iterator[dict[str, bytes]]:
-    """Samples as webdataset groups them: consecutive members sharing the name up to the first '.' of the
-    file name; each sample maps lower-case extension -> bytes."""
-    for shard in shards:
-        try:
-            with tarfile.open(shard) as tar:
-                key, sample = None, {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    folder, _, base = member.name.rpartition("/")
-                    stem, dot, ext = base.partition(".")
-                    if not dot:
-                        continue
-                    this = f"{folder}/{stem}"
-                    if this != key and sample:
-                        yield sample
-                        sample = {}
-                    key = this
-                    sample[ext.lower()] = tar.extractfile(member).read()
-                if sample:
-                    yield sample
-        except (tarfile.TarError, EOFError) as e:
-            raise ValueError(f"zero-shot shard {shard} is not a readable tar file: {e}") from None
-
-
-def _image_batches(shards: list[Path], preprocess: Callable, num_classes: int, batch_size: int,
-                   labels: list[int], skipped: list[int], progress: bool) -> Iterator[torch.Tensor]:
+def _image_batches(shard_paths: list[Path], preprocess: Callable, num_classes: int, batch_size: int,
+                   labels: list[int], loaded: list[int], counts: dict[str, int], damage: ShardDamage,
+                   progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
     batch: list[torch.Tensor] = []
-    for sample in tqdm(_samples(shards), desc="zeroshot images", disable=not progress):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    for i, (_key, sample) in enumerate(tqdm(samples(shard_paths, damage), desc="zeroshot images",
+                                            disable=not progress)):
+        if shard is not None and not shard.mine(i):
+            continue
+        counts["num_samples"] += 1
+        data = image_bytes(sample)
         try:
             label = int(sample.get("cls", b"").decode().strip())
         except (ValueError, UnicodeDecodeError):
             label = -1
-        if ext is None or not 0 <= label < num_classes:
-            skipped[0] += 1
+        if data is None or not 0 <= label < num_classes:
+            counts["num_skipped"] += 1
             continue
         try:
-            with Image.open(io.BytesIO(sample[ext])) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 tensor = preprocess(img.convert("RGB"))
         except (UnidentifiedImageError, OSError):
-            skipped[0] += 1
+            counts["num_skipped"] += 1
             continue
         batch.append(tensor)
         labels.append(label)
+        loaded.append(i)
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []
@@ -113,29 +86,45 @@ def _image_batches(shards: list[Path], preprocess: Callable, num_classes: int, b
 
 
 def classifier(model, tokenizer: Callable, classnames: list[str], templates: list[str] | tuple[str, ...], *,
-               device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+               device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False,
+               shard: Shard | None = None) -> torch.Tensor:
     """(C, D) class embeddings: per class, the normalised mean of the normalised template embeddings."""
     texts = [t.replace("{c}", name) for name in classnames for t in templates]
     feats = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size, progress=progress,
-                         desc="zeroshot classes")  # (C * T, D)
+                         desc="zeroshot classes", shard=shard)  # (C * T, D)
     mean = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, D)
     return torch.nn.functional.normalize(mean, dim=-1)
 
 
+def _per_class_names(classnames: list[str]) -> list[str]:
+    """Result keys for per_class: the class name, or "name [label i]" for a blank or repeated name."""
+    seen: set[str] = set()
+    keys = []
+    for i, name in enumerate(classnames):
+        keys.append(f"{name} [label {i}]".lstrip() if not name or name in seen else name)
+        seen.add(name)
+    return keys
+
+
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | os.PathLike, *,
              device: str | torch.device = "cpu", batch_size: int = 64, split: str = "test",
-             progress: bool = False) -> dict:
+             progress: bool = False, strict: bool = True, max_missing_share: float = 0.0,
+             shard: Shard | None = None) -> dict:
     """Zero-shot accuracy of `model` on a CLIP_benchmark webdataset directory (see the module docstring)."""
     _check_batch_size(batch_size)
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"zero-shot directory not found: {root}")
-    if not (root / "classnames.txt").is_file():
-        raise ValueError(f"zero-shot directory {root} has no classnames.txt")
-    classnames = _read_lines(root / "classnames.txt")
-    if not classnames:
+    kind = dataset_type(root)
+    if kind != "classification" or not (root / "classnames.txt").is_file():
+        raise ValueError(f"{root} is not a zero-shot classification set (it needs classnames.txt and no "
+                         f"dataset_type.txt other than classification): it is {describe_kind(root)}")
+    classnames = read_classnames(root / "classnames.txt")
+    if not any(classnames):
         raise ValueError(f"{root / 'classnames.txt'} lists no class")
     notes = []
+    if len(set(classnames)) < len(classnames) or not all(classnames):
+        notes.append(f"{root / 'classnames.txt'} has blank or repeated lines; each keeps its label index")
     templates_file = root / "zeroshot_classification_templates.txt"
     if templates_file.is_file():
         templates = _read_lines(templates_file)
@@ -150,22 +139,32 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     split_dir = root / split
     if not split_dir.is_dir():
         raise ValueError(f"zero-shot split directory not found: {split_dir}")
-    shards = _shards(split_dir)
+    shard_paths = shards(split_dir)
 
     labels: list[int] = []
-    skipped = [0]
+    loaded: list[int] = []
+    counts = {"num_samples": 0, "num_skipped": 0}
+    damage = ShardDamage()
     with eval_mode(model):
         weights = classifier(model, tokenizer, classnames, templates, device=device, batch_size=batch_size,
-                             progress=progress)  # (C, D)
+                             progress=progress, shard=shard)  # (C, D)
         feats = encode_image_batches(
-            model, _image_batches(shards, preprocess, len(classnames), batch_size, labels, skipped, progress),
+            model, _image_batches(shard_paths, preprocess, len(classnames), batch_size, labels, loaded, counts,
+                                  damage, progress, shard),
             device=device)  # (N, D)
-    if skipped[0]:
-        notes.append(f"{skipped[0]} sample(s) skipped: no image, no valid label, or an unreadable image")
+    _, feats, labels = gather_rows(loaded, feats, labels, shard)
+    counts = sum_counts(counts, shard)
+    if damage.note():
+        notes.append(damage.note())
+    if counts["num_skipped"]:
+        notes.append(f"{counts['num_skipped']} sample(s) skipped: no image, no valid label, or an unreadable image")
+    check_missing_share(f"zero-shot set {root}", counts["num_skipped"], counts["num_samples"], strict,
+                        max_missing_share, str(split_dir))
     result: dict = {"num_classes": len(classnames), "num_templates": len(templates), "num_examples": len(labels),
-                    "num_skipped": skipped[0], "notes": notes}
+                    "num_skipped": counts["num_skipped"], "num_damaged_shards": len(damage.shards), "notes": notes}
     if not labels:
-        raise ValueError(f"no usable sample in {split_dir} ({skipped[0]} skipped)")
+        raise ValueError(f"no usable sample in {split_dir} ({counts['num_skipped']} skipped, "
+                         f"{len(damage.shards)} damaged shard(s))")
     target = torch.tensor(labels)  # (N,)
     logits = feats @ weights.T  # (N, C) cosine similarities
     k = min(5, len(classnames))
@@ -175,7 +174,7 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     if len(classnames) >= 5:
         result["top5"] = (topk == target[:, None]).any(dim=1).float().mean().item()
     per_class = {}
-    for c, name in enumerate(classnames):
+    for c, name in enumerate(_per_class_names(classnames)):
         mask = target == c
         per_class[name] = hit1[mask].float().mean().item() if mask.any() else None
     present = [v for v in per_class.values() if v is not None]
@@ -184,4 +183,4 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     return result
 
 
-__all__ = ["evaluate", "classifier", "IMAGE_EXTENSIONS", "DEFAULT_TEMPLATES"]
+__all__ = ["evaluate", "classifier", "read_classnames", "IMAGE_EXTENSIONS", "DEFAULT_TEMPLATES"]
