@@ -56,6 +56,20 @@ def _check_pretrained(pretrained: str, name: str) -> None:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise ModelError(f"model.pretrained: {pretrained!r} is neither a file nor a known tag of {name} "
                          f"(tags: {', '.join(tags) or 'none'})")
+    if not looks_like_path:
+        _check_activation(name, pretrained)
+
+
+def _check_activation(name: str, tag: str) -> None:
+    """Weights trained with QuickGELU (OpenAI's, some LAION ones) in a GELU architecture load without error and
+    silently compute something else (open_clip only warns): refuse the mismatch. (A -quickgelu architecture lists
+    only QuickGELU tags, so the reverse is refused as an unknown tag.)"""
+    trained_quick = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+    if trained_quick and not model_config(name).get("quick_gelu", False):
+        hint = f"use model.name: {name}-quickgelu" if open_clip.get_model_config(f"{name}-quickgelu") else \
+            "use the -quickgelu variant of the architecture"
+        raise ModelError(f"model.pretrained: {tag!r} weights of {name} were trained with QuickGELU but {name} "
+                         f"builds GELU; {hint}")
 
 
 def _diagnose(path: str, name: str, err: Exception) -> str:

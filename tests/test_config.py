@@ -3,11 +3,14 @@ import pytest
 import yaml
 
 from clove_dist.config import Config, ConfigError, load_config, from_dict, packaged_config, save_config
+from clove_dist.model import _check_pretrained
 
 
 def test_defaults_are_the_paper_recipe():
     cfg = load_config(packaged_config("clove_vit_b32"))
-    assert cfg.model.name == "ViT-B-32" and cfg.model.pretrained == "openai"
+    # OpenAI's weights were trained with QuickGELU: the architecture must build it (plain ViT-B-32 builds GELU)
+    assert cfg.model.name == "ViT-B-32-quickgelu" and cfg.model.pretrained == "openai"
+    _check_pretrained(cfg.model.pretrained, cfg.model.name)  # no activation mismatch
     assert cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps == 2000 and cfg.optim.schedule == "cosine"
     assert cfg.optim.weight_decay == 0.1 and cfg.data.batch_size == 256
     assert cfg.train.total_samples == 1_000_000_000 and cfg.patching.alphas == (0.6,)
@@ -64,3 +67,11 @@ def test_resolved_config_round_trips(tmp_path):
     raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert raw["optim"]["lr"] == 3e-4 and raw["run"]["seed"] == 0
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_activation_mismatch_is_one_line():
+    from clove_dist.model import ModelError, _check_pretrained
+    with pytest.raises(ModelError, match="trained with QuickGELU but ViT-B-32 builds GELU; use model.name: "
+                                         "ViT-B-32-quickgelu"):
+        _check_pretrained("openai", "ViT-B-32")
+    _check_pretrained("laion2b_s34b_b79k", "ViT-B-32")  # GELU weights in a GELU architecture are fine

@@ -33,7 +33,7 @@ def test_sbatch_two_tasks_train(world, tmp_path, request):
         pytest.skip(reason)
     repo = request.config.rootpath
     log = tmp_path / "job.out"
-    cmd = ["sbatch", "--wait", "--ntasks", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1",
+    cmd = ["sbatch", "--wait", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--gpus-per-node", "0",
            "--time", "00:10:00", f"--output={log}", "slurm/train.sh", "configs/debug.yaml",
            "--set", f"data.train_shards={world.train_pattern}", "--set", f"run.output_dir={tmp_path}",
            "--set", "model.name=clove-micro", "--set", "data.batch_size=8", "--set", "data.num_workers=0",
@@ -47,4 +47,39 @@ def test_sbatch_two_tasks_train(world, tmp_path, request):
     lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
     assert lines[-1]["samples"] == 2 * 2 * 8  # two ranks: the global batch is twice the per-task batch
+    assert (tmp_path / "debug" / "export" / "finetuned.safetensors").is_file()
+
+
+def _events(run_dir):
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "event" not in r], [r for r in records if "event" in r]
+
+
+def test_time_limit_preempts_requeues_and_resumes(world, tmp_path, request):
+    """A job whose time limit (2 min) is shorter than its training: SLURM's warning signal makes every rank save,
+    rank 0 requeues the job, the requeued job resumes at that exact step; in the end every step is logged once."""
+    reason = _cluster_reason()
+    if reason:
+        pytest.skip(reason)
+    repo = request.config.rootpath
+    log = tmp_path / "job.out"
+    steps = 300  # about 1.5 allotments of 2 minutes for 2 CPU ranks of clove-micro (~3 steps/s on 2 cores)
+    cmd = ["sbatch", "--wait", "--time=2", "--signal=B:USR1@30", "--ntasks-per-node", "2", "--cpus-per-task", "1",
+           "--gpus-per-node", "0", f"--output={log}", "slurm/train.sh", "configs/debug.yaml",
+           "--set", "run.device=cpu", "--set", f"data.train_shards={world.train_pattern}",
+           "--set", f"run.output_dir={tmp_path}", "--set", "model.name=clove-micro", "--set", "data.batch_size=8",
+           "--set", "data.num_workers=0", "--set", "negatives.style=none", "--set", "run.log_every=1",
+           "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=0", "--set", "patching.alphas=[]"]
+    proc = subprocess.run(cmd, cwd=repo, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True,
+                          text=True, timeout=1500)
+    output = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, f"{proc.stderr}\n{output[-4000:]}"
+    steps_logged, events = _events(tmp_path / "debug")
+    assert [r["step"] for r in steps_logged] == list(range(1, steps + 1))
+    kinds = [e["event"] for e in events]
+    assert kinds.count("preempted") >= 1 and kinds.count("preempted") == kinds.count("resumed"), kinds
+    for preempted, resumed in zip(events[::2], events[1::2]):
+        assert (preempted["event"], resumed["event"]) == ("preempted", "resumed")
+        assert preempted["signal"] == "SIGUSR1" and resumed["step"] == preempted["step"]
+    assert "(restart 1)" in output and "requeued SLURM job" in output
     assert (tmp_path / "debug" / "export" / "finetuned.safetensors").is_file()
