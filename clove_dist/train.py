@@ -80,10 +80,12 @@ def param_groups(clip: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in clip.named_parameters():
         if not p.requires_grad:
             continue
-        exclude = p.ndim < 2 or "bias" in name or ".ln" in name or name.startswith("ln") or "norm" in name \
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's own shape is [0]
+        exclude = ndim < 2 or "bias" in name or ".ln" in name or name.startswith("ln") or "norm" in name \
             or "logit_scale" in name or "logit_bias" in name
         (no_decay if exclude else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the lr schedule must see the same
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
@@ -174,15 +176,22 @@ class Trainer:
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
+        ds_cfg = zero.deepspeed_config(cfg.distributed, cfg.data.batch_size, cfg.optim.grad_clip, env.device)
         torch.manual_seed(cfg.run.seed)
-        self.clip, self.preprocess, _, self.tokenizer = cmodel.create(cfg.model)
-        self.original_shapes = cmodel.make_deepspeed_safe(self.clip)
+        if cfg.distributed.zero_stage == 3 and cmodel.can_build_partitioned(cfg.model):
+            self.clip, self.preprocess, _, self.tokenizer, self.original_shapes = \
+                cmodel.create_partitioned(cfg.model, ds_cfg)
+        else:
+            self.clip, self.preprocess, _, self.tokenizer = cmodel.create(cfg.model)
+            self.original_shapes = cmodel.make_deepspeed_safe(self.clip)
+        # Augmentations draw from the global generator: seed it again so that they do not depend on how much
+        # randomness building the model took (a partitioned build takes another amount than a whole one).
+        torch.manual_seed(cfg.run.seed + 1)
         step_module = TrainStep(self.clip, ContrastiveLoss.from_config(cfg.loss))
         optimizer = torch.optim.AdamW(param_groups(self.clip, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.optim.warmup_steps, self.total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
-        ds_cfg = zero.deepspeed_config(cfg.distributed, cfg.data.batch_size, cfg.optim.grad_clip, env.device)
         load_tag = self._resume_tag(ds_cfg)
         self.dtype = zero.compute_dtype(ds_cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
