@@ -55,6 +55,20 @@ def _events(run_dir):
     return [r for r in records if "event" not in r], [r for r in records if "event" in r]
 
 
+def _wait_for_job(job: str, timeout_s: float) -> str:
+    """The final state of a job that may be requeued several times (PENDING/RUNNING in between)."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        state = next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "UNKNOWN")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(3)
+    subprocess.run(["scancel", job])
+    return "still running after the test's timeout (cancelled)"
+
+
 def test_time_limit_preempts_requeues_and_resumes(world, tmp_path, request):
     """A job whose time limit (2 min) is shorter than its training: SLURM's warning signal makes every rank save,
     rank 0 requeues the job, the requeued job resumes at that exact step; in the end every step is logged once."""
@@ -69,11 +83,15 @@ def test_time_limit_preempts_requeues_and_resumes(world, tmp_path, request):
            "--set", "run.device=cpu", "--set", f"data.train_shards={world.train_pattern}",
            "--set", f"run.output_dir={tmp_path}", "--set", "model.name=clove-micro", "--set", "data.batch_size=8",
            "--set", "data.num_workers=0", "--set", "negatives.style=none", "--set", "run.log_every=1",
-           "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=0", "--set", "patching.alphas=[]"]
+           "--set", f"train.max_steps={steps}", "--set", "train.total_samples=1000000",
+           "--set", "checkpoint.every_steps=0", "--set", "patching.alphas=[]"]
     proc = subprocess.run(cmd, cwd=repo, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True,
-                          text=True, timeout=1500)
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[-1]  # "Submitted batch job N"; `--wait` returns when the first run is requeued
+    state = _wait_for_job(job, timeout_s=1500)
     output = log.read_text() if log.exists() else ""
-    assert proc.returncode == 0, f"{proc.stderr}\n{output[-4000:]}"
+    assert state == "COMPLETED", f"job {job} ended {state}\n{output[-4000:]}"
     steps_logged, events = _events(tmp_path / "debug")
     assert [r["step"] for r in steps_logged] == list(range(1, steps + 1))
     kinds = [e["event"] for e in events]
