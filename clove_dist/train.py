@@ -40,11 +40,13 @@ from . import checkpoint as cckpt
 from . import dist as cdist
 from . import model as cmodel
 from . import zero
-from .config import Config, load_config, save_config
+from .config import Config, load_config, save_config, to_dict
+from .eval.in_training import TrainingEvaluator
 from .errors import UserError, entry_point
 from .log import log
 from .loss import ContrastiveLoss
 from .preemption import PREEMPTED_EXIT, Preemption, requeue_slurm_job
+from .reporting import build_reporters
 
 UNIVERSAL_CHECKPOINT_VERSION = 0.4  # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE (0.19)
 
@@ -201,13 +203,15 @@ class Trainer:
         if env.is_main:
             self.ckpt.directory.mkdir(parents=True, exist_ok=True)
             write_run_config(cfg, self.run_dir, self.found[1] if self.found else None)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if self.found and env.is_main:
+            dropped = cckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if dropped:
+                log(f"dropped {dropped} metric line(s) logged after the checkpoint of step {self.step}")
+        self.reporter = build_reporters(cfg.run, self.run_dir, is_main=env.is_main, config=to_dict(cfg))
         if self.found:
-            if env.is_main:
-                dropped = cckpt.truncate_metrics(self.metrics_path, self.step)
-                if dropped:
-                    log(f"dropped {dropped} metric line(s) logged after the checkpoint of step {self.step}")
-            self.event("resumed", checkpoint=self.found[1], world_size=env.world_size)
+            self.reporter.event("resumed", self.step, checkpoint=self.found[1], world_size=env.world_size)
+        self.evaluator = TrainingEvaluator(cfg.eval, cfg.model.name, self.run_dir, env.device, seed=cfg.run.seed)
+        self.evaluator.forget_after(self.step, env.is_main)
         self._build_loader()
 
     def _resume_tag(self, ds_cfg: dict[str, Any]) -> str | None:
@@ -276,28 +280,34 @@ class Trainer:
         self.samples_seen += batch["num_samples"] * self.env.world_size
         return loss, scale
 
-    def write_metrics(self, record: dict[str, Any]) -> None:
-        if self.env.is_main:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def event(self, name: str, **fields: Any) -> None:
-        self.write_metrics({"event": name, "step": self.step, **fields})
-
     def log_step(self, loss: torch.Tensor, scale: torch.Tensor, batch: dict[str, Any], lr: float,
                  window: dict[str, float]) -> None:
+        """One metrics line (see clove_dist.reporting.METRIC_NAMES), values reduced over ranks."""
         env = self.env
         loss_value, num_negs = cdist.all_sum([float(loss.detach()), float(batch["negative_valid"].sum())],
                                              env.device)
         self.loss_value = loss_value / env.world_size
         now = time.perf_counter()
-        record = {"step": self.step, "samples": self.samples_seen, "loss": self.loss_value, "lr": lr,
-                  "logit_scale": float(scale), "samples_per_s": window["samples"] / max(now - window["t"], 1e-9),
+        elapsed, steps = max(now - window["t"], 1e-9), max(window["steps"], 1)
+        record = {"samples": self.samples_seen, "loss": self.loss_value, "lr": lr, "logit_scale": float(scale),
+                  "samples_per_s": window["samples"] / elapsed,
+                  "samples_per_s_per_device": window["samples"] / elapsed / env.world_size,
+                  "data_wait_s": window["wait"] / steps, "compute_s": window["compute"] / steps,
                   "negatives": int(num_negs), **{k: int(v) for k, v in cdist.merge_counts(self.skipped).items()}}
-        window.update(t=now, samples=0)
-        self.write_metrics(record)
+        window.update(t=now, samples=0, steps=0, wait=0.0, compute=0.0)
+        self.reporter.log(self.step, record)
         if env.is_main:
             self.bar.set_postfix(loss=f"{self.loss_value:.4f}", scale=f"{float(scale):.1f}")
+
+    def evaluate(self) -> None:
+        """Evaluation during training (eval.every_steps): gathering the weights is a collective on every rank."""
+        keep = self.env.is_main or self.cfg.eval.sharded
+        state = zero.full_fp32_state(self.engine, self.clip, keep=keep)
+        state = cmodel.restore_shapes(state, self.original_shapes) if keep else None
+        try:
+            self.evaluator.run(self.step, state, is_main=self.env.is_main, reporter=self.reporter)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"eval at step {self.step}: {e}") from None
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, {
@@ -312,7 +322,7 @@ class Trainer:
         cfg = self.cfg
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                         disable=not self.env.is_main, dynamic_ncols=True)
-        window = {"t": time.perf_counter(), "samples": 0}
+        window = {"t": time.perf_counter(), "samples": 0, "steps": 0, "wait": 0.0, "compute": 0.0}
         try:
             while self.step < self.total_steps:
                 signame = self.preemption.agreed(self.env.device) if self.preemption is not None else None
@@ -320,16 +330,23 @@ class Trainer:
                     log(f"preempted by {signame} at step {self.step}: saving a checkpoint")
                     if self.saved_step != self.step:
                         self.save()
-                    self.event("preempted", signal=signame)
+                    self.reporter.event("preempted", self.step, signal=signame)
                     cdist.barrier()  # everything is on disk on every rank before any rank exits or requeues
                     raise Preempted(signame)
+                t0 = time.perf_counter()
                 batch = self.next_batch()
+                t1 = time.perf_counter()
                 lr = self.engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
                 loss, scale = self.train_step(batch)
+                window["wait"] += t1 - t0
+                window["compute"] += time.perf_counter() - t1
+                window["steps"] += 1
                 window["samples"] += batch["num_samples"] * self.env.world_size
                 self.bar.update(1)
                 if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                     self.log_step(loss, scale, batch, lr, window)
+                if self.evaluator.due(self.step):
+                    self.evaluate()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
                         and self.step < self.total_steps:
                     self.save()
@@ -348,7 +365,8 @@ class Trainer:
                 written = export(cfg, self.run_dir, cmodel.restore_shapes(state, self.original_shapes))
                 log("exported: " + ", ".join(str(p) for p in written))
         # Only rank 0 evaluates; the other ranks leave rather than wait in a collective that could time out.
-        if env.is_main and written and (cfg.eval.sugarcrepe_dir or cfg.eval.zeroshot_dir):
+        e = cfg.eval
+        if env.is_main and written and (e.sugarcrepe_dir or e.zeroshot_dir or e.retrieval_dir or e.aro_dir):
             evaluate_exports(cfg, self.run_dir, written, env.device)
         return written
 
@@ -386,6 +404,7 @@ def train(cfg: Config, handle_signals: bool = False) -> dict[str, Any]:
     finally:
         if trainer.preemption is not None:
             trainer.preemption.uninstall()
+        trainer.reporter.close()
     return trainer.summary(trainer.finish())
 
 
@@ -396,9 +415,16 @@ def evaluate_exports(cfg: Config, run_dir: Path, exports: list[Path], device: to
     results = {}
     for path in exports:
         clip, _, preprocess, tokenizer = cmodel.create(ModelConfig(name=cfg.model.name, pretrained=str(path)), device)
-        results[path.name] = evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=cfg.eval.sugarcrepe_dir,
-                                          zeroshot_dir=cfg.eval.zeroshot_dir, device=device,
-                                          batch_size=cfg.eval.batch_size)
+        e = cfg.eval
+        try:
+            results[path.name] = evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=e.sugarcrepe_dir,
+                                              zeroshot_dir=e.zeroshot_dir, retrieval_dir=e.retrieval_dir,
+                                              aro_dir=e.aro_dir, aro_coco_root=e.aro_coco_root,
+                                              aro_flickr_root=e.aro_flickr_root, device=device,
+                                              batch_size=e.batch_size, strict=e.strict,
+                                              max_missing_share=e.max_missing_share, seed=cfg.run.seed)
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(f"eval of {path.name}: {err}") from None
         sc, zs = results[path.name].get("sugarcrepe", {}), results[path.name].get("zeroshot", {})
         log(f"eval {path.name}: SugarCrepe average {sc.get('average')}, zero-shot top-1 {zs.get('top1')}")
     out = run_dir / "eval.json"
