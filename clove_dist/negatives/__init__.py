@@ -28,13 +28,16 @@ from . import replace, swap
 from .lexicon import Lexicon, WordNetMissing
 from .parse import FLAG_CLEANED, FLAG_TRUNCATED, Parse, SceneParser, SpacyModelMissing
 from .sidecar import load_sidecar, sidecar_path
+from .text_window import window_end
+from .vocabulary import default_vocabulary_path, load_vocabulary
 
 STYLES = ("replace", "swap", "both", "none")
 KINDS = ("replace-entity", "replace-attribute", "replace-relation", "swap-noun", "swap-adjective", "swap-phrase")
-STATUS_STATS = {"empty": "num_empty", "non_english": "num_non_english", "no_noun": "num_no_noun"}
+STATUS_STATS = {"empty": "num_empty", "non_english": "num_non_english", "no_noun": "num_no_noun",
+                "not_string": "num_not_string"}
 STAT_KEYS = ("num_captions", "num_with_negative", "num_negatives", "num_empty", "num_non_english", "num_no_noun",
-             "num_no_candidate", "num_truncated", "num_cleaned", "num_parsed", "num_cached_parse",
-             "num_stale_parse") + tuple("num_" + k.replace("-", "_") for k in KINDS)
+             "num_not_string", "num_no_candidate", "num_unstructured", "num_truncated", "num_cleaned", "num_parsed",
+             "num_cached_parse", "num_stale_parse") + tuple("num_" + k.replace("-", "_") for k in KINDS)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,10 @@ class NegativeGenerator:
 
     def __init__(self, cfg: NegativesConfig) -> None:
         self.cfg = cfg
-        self.lexicon = Lexicon(cfg.wordnet_path, cfg.max_senses)
+        vocab_path = cfg.vocabulary or default_vocabulary_path(cfg.sidecar_dir)
+        self.vocabulary_path = vocab_path
+        vocabulary = load_vocabulary(vocab_path) if vocab_path else None
+        self.lexicon = Lexicon(cfg.wordnet_path, cfg.max_senses, vocabulary, cfg.min_corpus_count)
         self.parser = SceneParser(cfg.spacy_model, cfg.max_caption_chars)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
@@ -93,7 +99,12 @@ class NegativeGenerator:
         return self.parser.parse_many(captions)
 
     def generate(self, caption: str, key: str, epoch: int = 0, parse: Parse | None = None) -> list[Negative]:
-        """Negatives of `caption`; `parse` from a sidecar is used when it was made from this very caption."""
+        """Negatives of `caption`; `parse` from a sidecar is used when it was made from this very caption.
+        A caption that is not a string (None, bytes, a number) gives none and is counted in num_not_string."""
+        if not isinstance(caption, str):
+            self.stats["num_captions"] += 1
+            self.stats["num_not_string"] += 1
+            return []
         if self.cfg.style == "none":
             self.stats["num_captions"] += 1
             return []
@@ -119,13 +130,14 @@ class NegativeGenerator:
             self.stats["num_captions"] += len(captions)
             return [[] for _ in captions]
         given = list(parses) if parses is not None else [None] * len(captions)
-        todo = [i for i, p in enumerate(given) if p is None or not p.matches(captions[i])]
+        todo = [i for i, p in enumerate(given) if isinstance(captions[i], str) and
+                (p is None or not p.matches(captions[i]))]
         self.stats["num_stale_parse"] += sum(1 for i in todo if given[i] is not None)
         self.stats["num_cached_parse"] += len(captions) - len(todo)
         self.stats["num_parsed"] += len(todo)
         for i, p in zip(todo, self.parser.parse_many([captions[i] for i in todo])):
             given[i] = p
-        return [self.from_parse(c, k, e, p)  # type: ignore[arg-type]
+        return [self.from_parse(c, k, e, p) if isinstance(c, str) else self.generate(c, k, e)  # type: ignore
                 for c, k, e, p in zip(captions, keys, epochs, given)]
 
     def from_parse(self, caption: str, key: str, epoch: int, parse: Parse) -> list[Negative]:
@@ -138,9 +150,16 @@ class NegativeGenerator:
         if parse.status != "ok":
             stats[STATUS_STATS.get(parse.status, "num_no_noun")] += 1
             return []
+        if self.cfg.require_structure and not has_structure(parse):
+            stats["num_unstructured"] += 1
+            return []
         style = self.cfg.style
         replace_opts = replace.options(parse, self.lexicon) if style in ("replace", "both") else []
-        swap_pairs = swap.swap_pairs(caption, parse) if style in ("swap", "both") else []
+        swap_pairs = swap.swap_pairs(caption, parse, self.lexicon) if style in ("swap", "both") else []
+        limit = window_end(caption, self.cfg.context_length)
+        if limit < len(caption):  # an edit the text encoder never sees would be a negative equal to its caption
+            replace_opts = [o for o in replace_opts if o[1] <= limit]
+            swap_pairs = [p for p in swap_pairs if p[2][1] <= limit]
         if not replace_opts and not swap_pairs:
             stats["num_no_candidate"] += 1
             return []
@@ -168,6 +187,12 @@ class NegativeGenerator:
         return out
 
 
+def has_structure(parse: Parse) -> bool:
+    """CLoVe's filter: at least two entities and one relation or modifier."""
+    roles = [e[0] for e in parse.elements]
+    return roles.count("E") >= 2 and any(r in ("P", "V", "A", "N") for r in roles)
+
+
 def build(cfg: NegativesConfig) -> NegativeGenerator:
     """A generator for this config section; ConfigError on values outside their range. Loads nothing yet."""
     if cfg.style not in STYLES:
@@ -178,6 +203,10 @@ def build(cfg: NegativesConfig) -> NegativeGenerator:
         raise ConfigError(f"negatives.max_senses: {cfg.max_senses!r} must be >= 0 (0 = every sense)")
     if cfg.max_caption_chars < 0:
         raise ConfigError(f"negatives.max_caption_chars: {cfg.max_caption_chars!r} must be >= 0")
+    if cfg.min_corpus_count < 0:
+        raise ConfigError(f"negatives.min_corpus_count: {cfg.min_corpus_count!r} must be >= 0")
+    if cfg.context_length < 0 or 0 < cfg.context_length < 3:
+        raise ConfigError(f"negatives.context_length: {cfg.context_length!r} must be 0 (no limit) or >= 3")
     return NegativeGenerator(cfg)
 
 

@@ -6,8 +6,10 @@
 Where candidates come from, by element role (see parse.py for the roles):
 - entity head nouns `E`, attributes `A` and verbs `V`: WordNet antonyms and co-hyponyms (lexicon.py), never a
   synonym; a compound head (fire hydrant) is looked up whole first, its root noun otherwise;
-- prepositions and phrasal prepositions `P`: the fixed list below, weighted by rough frequency in English. Near
-  synonyms share a group and never replace each other (CLoVe's list would turn "on" into "on top of");
+- entity nouns by category (caption_words.NOUN_GROUPS through WordNet senses), attributes by class or antonym,
+  verbs by frame (caption_words.VERB_FRAMES; transitive stays transitive);
+- prepositions and phrasal prepositions `P`: spatial ones only, and only when their object is a thing, animal
+  or person (SPATIAL_GROUPS below); near synonyms share a group and never replace each other;
 - numbers `N`: another number of the same notation (words or digits), never "one", so "two dogs" stays plural.
 Each element weighs min(2, number of candidates) (Table.weight), after CLoVe, which takes up to two candidates
 per element and then draws uniformly from all of them; the candidate itself is drawn by frequency. The new word
@@ -27,27 +29,42 @@ ROLE_KIND = {"E": "replace-entity", "A": "replace-attribute", "N": "replace-attr
              "V": "replace-relation", "P": "replace-relation"}
 _WORDNET_POS = {"E": "n", "A": "a", "V": "v"}
 
-# Prepositions with rough occurrences per million words of written English. A group holds near synonyms, which
-# never replace each other.
-PREPOSITION_GROUPS: tuple[tuple[tuple[str, int], ...], ...] = (
-    (("on", 6000), ("onto", 100), ("upon", 400), ("atop", 5), ("on top of", 30)),
-    (("in", 16000), ("inside", 150), ("within", 400), ("into", 1600), ("inside of", 10)),
-    (("under", 500), ("below", 120), ("beneath", 50), ("underneath", 15)),
-    (("above", 200), ("over", 1000)),
-    (("next to", 120), ("beside", 60), ("by", 4000), ("alongside", 30), ("near", 180), ("close to", 70)),
-    (("in front of", 80), ("ahead of", 40)),
-    (("behind", 220), ("in back of", 3)),
-    (("between", 700), ("among", 250)),
-    (("across from", 10), ("opposite", 40)),
-    (("from", 3500), ("out of", 300), ("away from", 60)),
-    (("outside", 150), ("outside of", 20)),
-    (("toward", 200), ("towards", 150)),
-    (("around", 500),), (("across", 250),), (("along", 250),), (("through", 800),), (("against", 400),),
-    (("with", 5500),), (("without", 450),), (("at", 4000),), (("off", 500),), (("past", 150),),
-    (("in the middle of", 40), ("in the center of", 10)), (("on the side of", 8), ("on the edge of", 10)),
-    (("to the left of", 10), ("on the left of", 3)), (("to the right of", 10), ("on the right of", 3)),
-    (("at the top of", 20),), (("at the bottom of", 20),),
+# Spatial prepositions in groups of near synonyms ("in a field" / "on a field"), which never replace each other.
+# Only the first word of a group, with its rough occurrences per million words, is ever put in as a replacement:
+# "upon", "atop", "within" and the like read as stilted, and "with", "from", "by", "through" are no spatial
+# replacement at all. Relations outside these groups ("of", "for", "through", "along") are not replaced, except
+# "with" <-> "without", which swap only with each other.
+SPATIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("on", "onto", "upon", "atop", "on top of", "in", "inside", "into", "within", "inside of", "at"),
+    ("under", "below", "beneath", "underneath"),
+    ("above", "over"),
+    ("next to", "beside", "near", "close to", "alongside", "by"),
+    ("in front of", "ahead of"),
+    ("behind", "in back of"),
 )
+SPATIAL_WEIGHTS = {"on": 6000, "under": 500, "above": 200, "next to": 120, "in front of": 80, "behind": 220}
+# Sources that are replaced: "by" (agent or place) and "at" ("looking at") are too often not spatial.
+SPATIAL_SOURCES = frozenset(w for g in SPATIAL_GROUPS for w in g) - {"by", "at", "into", "onto"}
+# What a preposition's object must be for the relation to change: a thing, an animal or a person, not a place,
+# a garment ("a man in a suit") or a body part ("in her arms").
+RELATION_OBJECT_GROUPS = frozenset({"bird", "pet", "large animal", "wheeled", "boat", "aircraft", "furniture", "food", "drink", "container",
+                                    "sports", "electronics", "appliance", "plant", "street", "household"})
+
+
+def _preposition_tables() -> dict[str, Table]:
+    tables: dict[str, Table] = {}
+    for group in SPATIAL_GROUPS:
+        # "on" only stands in for under/above: "parked on a car" or "brushing her teeth on a mirror" is no scene
+        table = make_table({w.replace(" ", "_"): f for w, f in SPATIAL_WEIGHTS.items() if w not in group and
+                            (w != "on" or group[0] in ("under", "above"))})
+        assert table is not None
+        for word in group:
+            if word in SPATIAL_SOURCES:
+                tables[word] = table
+    for word, other in (("with", "without"), ("without", "with")):
+        tables[word] = make_table({other: 1})  # type: ignore[assignment]
+    return tables
+
 
 # Numbers with rough occurrences per million words; both notations, "one" excluded (it would break agreement).
 NUMBER_WEIGHTS: tuple[tuple[str, int], ...] = (
@@ -67,7 +84,7 @@ def _fixed_tables(groups: tuple[tuple[tuple[str, int], ...], ...]) -> dict[str, 
     return tables
 
 
-PREPOSITION_TABLES = _fixed_tables(PREPOSITION_GROUPS)
+PREPOSITION_TABLES = _preposition_tables()
 NUMBER_TABLES = {**_fixed_tables(tuple(((w, f),) for w, f in NUMBER_WEIGHTS)),
                  **_fixed_tables(tuple(((str(i), f),) for i, (_, f) in zip((2, 3, 4, 5, 6, 7, 8, 9, 10, 12),
                                                                             NUMBER_WEIGHTS)))}
@@ -78,6 +95,15 @@ NUMBER_TABLES = {**_fixed_tables(tuple(((w, f),) for w, f in NUMBER_WEIGHTS)),
 Option = tuple[int, int, Table, str, str]
 
 
+def relation_object_ok(lemma: str, lexicon: Any) -> bool:
+    """Whether a spatial relation to this object can change into another (RELATION_OBJECT_GROUPS or a person)."""
+    if lexicon.noun_category(lemma) in ("place", "noun.body"):
+        return False
+    if lexicon.noun_group(lemma) in RELATION_OBJECT_GROUPS:
+        return True
+    return lexicon.noun_category(lemma) == "noun.person"
+
+
 def options(parse: Parse, lexicon: Any) -> list[Option]:
     """The elements of `parse` that have at least one candidate, in parse order."""
     out = []
@@ -85,8 +111,13 @@ def options(parse: Parse, lexicon: Any) -> list[Option]:
         table: Table | None
         if role == "P":
             table = PREPOSITION_TABLES.get(lemma)
+            if table is not None and lemma not in ("with", "without") and \
+                    not relation_object_ok(alt_lemma, lexicon):
+                table = None
         elif role == "N":
             table = NUMBER_TABLES.get(lemma)
+        elif role == "V":
+            table = lexicon.table(lemma, "v" if alt_lemma == "t" else "vi")
         else:
             pos = _WORDNET_POS[role]
             table = lexicon.table(lemma, pos)

@@ -1,6 +1,6 @@
 """NegCLIP-style SWAP negatives: two words or phrases of the same kind change places.
 
-    pairs = swap_pairs(caption, parse)        # [(kind, (start, end), (start, end)), ...]
+    pairs = swap_pairs(caption, parse, lexicon)   # [(kind, (start, end), (start, end)), ...]
     text, kind, old, new = draw(caption, pairs, rng)
 
 Kinds, from the spaCy parse (parse.py): two singular or two plural entity nouns (`swap-noun`, compounds such as
@@ -8,7 +8,10 @@ Kinds, from the spaCy parse (parse.py): two singular or two plural entity nouns 
 or more words (`swap-phrase`):
 "a white dog chasing a black cat" -> "a black dog chasing a white cat" / "a black cat chasing a white dog".
 Pairs whose texts are equal (case-folded) or whose spans overlap are left out, and so is a swap that puts a word
-twice in a row ("a small small square"). A sentence-initial capital stays at
+twice in a row ("a small small square"). Never swapped: two conjuncts of one coordination ("bride and groom", "a
+bowl of apples and bananas": the meaning stays), two adjectives of one noun ("a white and black cow"), spans of
+different classes (a person and a plate, a colour and a size: "a plate holding a man" is no scene), places, and
+nouns linked by "of" ("a bowl of soup" -> "a soup of bowl"). A sentence-initial capital stays at
 the start of the sentence, and an "a"/"an" before either span is corrected. `old` is the first span's text,
 `new` the text that took its place.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .caption_words import ADJECTIVE_CLASSES, PERSON_GROUPS, SIZE_ADJECTIVES, SPELLINGS
 from .inflect import fix_article
 from .parse import Parse
 
@@ -24,22 +28,52 @@ GROUP_KIND = {"noun-sg": "swap-noun", "noun-pl": "swap-noun", "adj": "swap-adjec
 
 Pair = tuple[str, tuple[int, int], tuple[int, int]]
 _DOUBLED = re.compile(r"\b(\w+) \1\b", re.IGNORECASE)
+_VEHICLES = frozenset({"wheeled", "boat", "aircraft"})
+_ADJECTIVE_CLASS = {w: str(i) for i, words in enumerate(ADJECTIVE_CLASSES) for w in words}
+_PERSONS = frozenset(w for group in PERSON_GROUPS for w in group) | {"person", "people"}
 
 
-def swap_pairs(caption: str, parse: Parse) -> list[Pair]:
-    """Every pair of same-group spans with different texts, in parse order."""
-    by_group: dict[str, list[tuple[int, int]]] = {}
-    for group, start, end in parse.swaps:
-        by_group.setdefault(group, []).append((start, end))
+def swap_class(group: str, lemma: str, lexicon: Any) -> str:
+    """What a span may swap with: persons with persons, animals with animals, vehicles with vehicles, other
+    things with things, colours with colours, sizes and states with sizes and states; '' = never swapped
+    (places: "a blue grass swimming on five cats" is no scene; words no table knows)."""
+    if group == "adj":
+        word = SPELLINGS.get(lemma, lemma)
+        return "size" if word in SIZE_ADJECTIVES else _ADJECTIVE_CLASS.get(word, "")
+    spaced = lemma.replace("_", " ")
+    if spaced in _PERSONS or spaced.rsplit(" ", 1)[-1] in _PERSONS:
+        return "person"
+    category = lexicon.noun_category(lemma)
+    if category == "place":
+        return ""
+    if category == "noun.person":
+        return "person"
+    noun_group = lexicon.noun_group(lemma)
+    if noun_group in _VEHICLES:
+        return "vehicle"
+    if noun_group in ("bird", "pet", "large animal"):
+        return "animal"
+    return noun_group  # things swap within their category: "a kitchen table with candles on a cake" is no scene
+
+
+def swap_pairs(caption: str, parse: Parse, lexicon: Any) -> list[Pair]:
+    """Every pair of same-group, same-class spans with different texts and different owners, in parse order."""
+    by_group: dict[str, list[tuple[int, int, int, str]]] = {}
+    for group, start, end, owner, lemma in parse.swaps:
+        cls = swap_class(group, lemma, lexicon)
+        if cls:
+            by_group.setdefault(group, []).append((start, end, owner, cls))
     pairs: list[Pair] = []
     for group, spans in by_group.items():
         kind = GROUP_KIND[group]
-        for i, a in enumerate(spans):
-            text_a = caption[a[0]:a[1]].casefold()
-            for b in spans[i + 1:]:
-                if a[1] <= b[0] or b[1] <= a[0]:
-                    if caption[b[0]:b[1]].casefold() != text_a:
-                        pairs.append((kind, a, b) if a[0] < b[0] else (kind, b, a))
+        for i, (s1, e1, o1, c1) in enumerate(spans):
+            text_a = caption[s1:e1].casefold()
+            for s2, e2, o2, c2 in spans[i + 1:]:
+                if o1 == o2 or c1 != c2 or not (e1 <= s2 or e2 <= s1):
+                    continue
+                if caption[s2:e2].casefold() != text_a:
+                    a, b = (s1, e1), (s2, e2)
+                    pairs.append((kind, a, b) if a[0] < b[0] else (kind, b, a))
     return pairs
 
 
