@@ -154,7 +154,7 @@ class NegativeGenerator:
             stats["num_unstructured"] += 1
             return []
         style = self.cfg.style
-        replace_opts = replace.options(parse, self.lexicon) if style in ("replace", "both") else []
+        replace_opts = replace.options(parse, self.lexicon, caption) if style in ("replace", "both") else []
         swap_pairs = swap.swap_pairs(caption, parse, self.lexicon) if style in ("swap", "both") else []
         limit = window_end(caption, self.cfg.context_length)
         if limit < len(caption):  # an edit the text encoder never sees would be a negative equal to its caption

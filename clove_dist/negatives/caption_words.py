@@ -63,6 +63,8 @@ PERSON_TRAITS: dict[str, tuple[str, str]] = {
 
 def persons_differ(a: str, b: str) -> bool:
     """Whether person noun `b` is false of a picture of `a` (both in PERSON_TRAITS; other groups: always)."""
+    if "baby" in (a, b):
+        return False  # a baby's scenes (a crib, arms holding it) are no scene for anyone else
     if a not in PERSON_TRAITS or b not in PERSON_TRAITS:
         return True
     (ga, aa), (gb, ab) = PERSON_TRAITS[a], PERSON_TRAITS[b]
@@ -86,8 +88,7 @@ COLOURS = ("red", "blue", "green", "white", "black", "yellow", "brown", "orange"
 SPELLINGS = {"grey": "gray", "colour": "color"}  # one spelling stands for both in the tables
 ADJECTIVE_CLASSES: tuple[tuple[str, ...], ...] = (
     COLOURS,
-    ("wooden", "metal", "plastic", "stone", "brick", "glass", "leather", "paper", "cardboard", "concrete"),
-    ("sunny", "cloudy", "rainy", "snowy", "foggy"),
+    ("wooden", "metal", "plastic", "stone", "brick", "glass", "leather"),
 )
 # Near-synonyms (grey/gray, big/large) never replace each other: each word lists what it may become.
 ADJECTIVE_OPPOSITES: dict[str, tuple[str, ...]] = {
@@ -105,7 +106,9 @@ ADJECTIVE_OPPOSITES: dict[str, tuple[str, ...]] = {
     "happy": ("sad",), "sad": ("happy",), "smiling": ("frowning",), "steep": ("flat", "gentle"), "flat": ("steep",),
     "snowy": ("grassy", "sandy"), "grassy": ("snowy", "sandy"), "sandy": ("grassy", "snowy", "rocky"),
     "rocky": ("sandy", "grassy"), "dusty": ("muddy", "grassy"), "muddy": ("dusty", "grassy"),
-    "windy": ("calm",), "paved": ("dirt",), "stuffed": ("live",), "double": ("single",), "single": ("double",),
+    "windy": ("calm",), "sunny": ("cloudy",), "cloudy": ("sunny", "clear"), "rainy": ("sunny",),
+    "foggy": ("sunny", "clear"), "clear": ("cloudy",), "paved": ("dirt",), "stuffed": ("live",), "double": ("single",), "single": ("double",),
+    "paper": ("plastic", "wooden"), "cardboard": ("wooden", "plastic", "metal"), "concrete": ("wooden", "metal"),
     "male": ("female",), "female": ("male",), "asleep": ("awake",), "awake": ("asleep",),
 }
 
@@ -117,11 +120,11 @@ VERB_FRAMES: dict[str, tuple[str, ...]] = {
     "walk": ("run",), "run": ("walk",), "hold": ("throw", "drop"), "carry": ("drop", "throw", "push"),
     "throw": ("catch", "hold", "kick"), "catch": ("throw", "drop", "kick"), "kick": ("throw", "catch", "hold"),
     "drop": ("catch", "hold"), "push": ("pull", "carry"), "pull": ("push", "carry"), "ride": ("lead", "push"),
-    "wear": ("hold", "carry"), "eat": ("cut", "hold"), "cut": ("eat", "hold"), "hit": ("miss", "catch"),
+    "wear": ("hold", "carry"), "eat": ("cut",), "cut": ("eat",), "hit": ("miss", "catch"),
     "miss": ("hit",), "swing": ("throw", "drop"), "open": ("close",), "close": ("open",),
-    "feed": ("pet", "chase"), "pet": ("feed", "chase"), "chase": ("feed", "follow"), "follow": ("chase",),
+    "feed": ("pet",), "pet": ("feed",), "chase": ("feed", "follow"), "follow": ("chase",),
     "hug": ("push", "chase"), "fly": ("hold", "carry"), "enter": ("leave",), "leave": ("enter",),
-    "climb": ("descend",), "board": ("leave",), "cook": ("eat",),
+    "climb": ("descend",), "board": ("leave",),
     "drink": ("spill", "pour"), "read": ("write",), "write": ("read",), "buy": ("sell",), "sell": ("buy",),
     "chew": ("lick", "hold"), "lick": ("chew",), "watch": ("ignore",), "kiss": ("push",), "touch": ("kick",),
 }
@@ -149,43 +152,92 @@ PLACE_NOUNS = frozenset(
 # corpus vocabulary adds its own words the same way.
 NOUN_GROUPS: dict[str, tuple[str, ...]] = {
     "bird": ("bird", "duck", "pigeon", "seagull", "goose", "swan", "parrot", "owl", "eagle", "crow"),
-    "pet": ("dog", "cat", "puppy", "kitten", "rabbit", "squirrel", "monkey", "fox", "mouse"),
-    "large animal": ("horse", "cow", "sheep", "elephant", "giraffe", "zebra", "bear", "goat", "pig", "deer",
-                     "lion", "tiger", "camel", "donkey", "bull"),
-    "wheeled": ("car", "bus", "truck", "van", "motorcycle", "bicycle", "scooter", "train", "taxi", "tractor",
-                "jeep", "trailer"),
+    "pet": ("dog", "cat", "puppy", "kitten"),
+    "small animal": ("rabbit", "squirrel", "fox", "raccoon"),
+    "mount": ("horse", "donkey", "camel", "elephant"),
+    "livestock": ("cow", "sheep", "goat", "pig", "bull"),
+    "wild animal": ("giraffe", "zebra", "bear", "lion", "tiger", "deer", "monkey"),
+    "road vehicle": ("car", "bus", "truck", "van", "taxi", "jeep", "tractor"),
+    "two-wheeler": ("bicycle", "motorcycle", "scooter"),
+    "rail vehicle": ("train", "tram", "subway"),
+    "cart": ("cart", "wagon", "carriage"),
     "boat": ("boat", "ship", "canoe", "kayak", "sailboat", "yacht"),
     "aircraft": ("airplane", "helicopter", "jet", "glider"),
-    "furniture": ("chair", "couch", "bench", "bed", "table", "desk", "shelf", "cabinet", "dresser", "stool",
-                  "armchair", "crib"),
-    "food": ("pizza", "sandwich", "cake", "donut", "hot dog", "banana", "apple", "orange", "broccoli", "carrot",
-             "salad", "soup", "bread", "cheese", "rice", "pasta", "cookie", "hamburger", "egg", "pie", "meat",
-             "steak", "chicken", "fish", "potato", "tomato", "sausage", "muffin", "mustard", "ketchup", "onion"),
+    "seat": ("chair", "couch", "bench", "stool", "armchair"),
+    "table": ("table", "desk"),
+    "bed": ("bed", "crib"),
+    "storage": ("shelf", "cabinet", "dresser", "bookcase"),
+    # count foods and mass foods apart: "a rice", "a piece of egg" are no English
+    "food": ("pizza", "sandwich", "cake", "donut", "hot dog", "banana", "apple", "orange", "carrot", "cookie",
+             "hamburger", "egg", "pie", "steak", "potato", "tomato", "sausage", "muffin", "onion", "bagel"),
+    "mass food": ("broccoli", "salad", "soup", "bread", "cheese", "rice", "pasta", "meat", "chicken", "fish",
+                  "cereal", "spaghetti"),
+    "condiment": ("mustard", "ketchup", "mayonnaise", "relish"),
     "drink": ("wine", "beer", "coffee", "tea", "juice", "milk", "soda", "lemonade"),
-    "container": ("plate", "bowl", "cup", "glass", "mug", "bottle", "jar", "vase", "pot", "pan", "tray", "basket",
-                  "box", "bag", "suitcase", "backpack", "bucket"),
+    "plate": ("plate", "tray", "platter"),
+    "bowl": ("bowl", "pot", "pan"),
+    "drinkware": ("cup", "glass", "mug", "bottle", "jar", "pitcher"),
+    "luggage": ("bag", "suitcase", "backpack", "box", "basket", "bucket", "purse"),
     "clothing": ("shirt", "hat", "jacket", "dress", "tie", "cap", "coat", "helmet", "scarf", "sweater", "skirt",
                  "suit", "uniform", "vest", "hoodie", "apron"),
-    "sports": ("ball", "frisbee", "kite", "skateboard", "surfboard", "ski", "snowboard", "racket", "bat", "glove",
-               "football", "soccer ball", "tennis ball", "baseball"),
+    "throwable": ("ball", "frisbee"),
+    "board": ("skateboard", "surfboard", "snowboard", "ski", "sled"),
+    "racket": ("racket", "bat", "golf club"),
     "electronics": ("laptop", "computer", "phone", "cell phone", "television", "monitor", "keyboard", "mouse",
-                    "remote", "camera", "tablet", "radio", "speaker"),
-    "appliance": ("refrigerator", "stove", "oven", "microwave", "sink", "toilet", "bathtub", "dishwasher", "toaster",
-                  "washing machine"),
-    "plant": ("tree", "flower", "bush", "rose", "palm tree", "cactus", "sunflower"),
-    "street": ("fire hydrant", "stop sign", "street sign", "traffic light", "pole", "fence", "parking meter",
-               "lamp post", "mailbox", "street lamp"),
-    "household": ("book", "clock", "lamp", "pillow", "blanket", "umbrella", "towel", "mirror", "scissors",
-                  "toothbrush", "teddy bear", "candle", "newspaper", "rug", "curtain", "painting"),
-    "building part": ("window", "door", "wall", "gate", "roof", "staircase", "balcony", "chimney"),
+                    "remote", "camera", "tablet", "radio"),
+    "kitchen appliance": ("refrigerator", "stove", "oven", "microwave", "dishwasher", "toaster"),
+    "bathroom fixture": ("toilet", "sink", "bathtub", "shower"),
+    "plant": ("tree", "bush", "palm tree"),
+    "flower": ("rose", "tulip", "sunflower", "daisy"),
+    "street": ("fire hydrant", "stop sign", "traffic light", "parking meter", "mailbox", "street lamp",
+               "trash can"),
+    "textile": ("pillow", "blanket", "towel", "rug", "curtain"),
+    "wall decor": ("clock", "mirror", "painting", "poster"),
+    "table decor": ("lamp", "vase"),
+    "reading": ("book", "newspaper", "magazine"),
+    "toy": ("teddy bear", "doll", "stuffed animal"),
+    "opening": ("window", "door", "gate"),
 }
 # (synset, category), most specific first.
 CATEGORY_ANCHORS: tuple[tuple[str, str], ...] = (
-    ("wheeled_vehicle.n.01", "wheeled"), ("vessel.n.02", "boat"), ("aircraft.n.01", "aircraft"),
-    ("furniture.n.01", "furniture"), ("home_appliance.n.01", "appliance"), ("electronic_equipment.n.01",
-                                                                            "electronics"),
-    ("computer.n.01", "electronics"), ("sports_equipment.n.01", "sports"), ("clothing.n.01", "clothing"),
-    ("headdress.n.01", "clothing"), ("tableware.n.01", "container"), ("container.n.01", "container"),
-    ("beverage.n.01", "drink"), ("food.n.02", "food"), ("food.n.01", "food"), ("bird.n.01", "bird"), ("ungulate.n.01", "large animal"),
-    ("plant.n.02", "plant"),
+    ("bicycle.n.01", "two-wheeler"), ("motorcycle.n.01", "two-wheeler"), ("car.n.01", "road vehicle"),
+    ("truck.n.01", "road vehicle"), ("bus.n.01", "road vehicle"), ("wagon.n.01", "cart"), ("vessel.n.02", "boat"),
+    ("aircraft.n.01", "aircraft"), ("seat.n.03", "seat"), ("table.n.02", "table"), ("bed.n.01", "bed"),
+    ("beverage.n.01", "drink"), ("flower.n.01", "flower"), ("tree.n.01", "plant"), ("bird.n.01", "bird"),
+    ("ungulate.n.01", "wild animal"), ("headdress.n.01", "clothing"), ("clothing.n.01", "clothing"),
+    ("bag.n.01", "luggage"),
 )
+
+# Colours animals have: "a blue horse" is no scene.
+ANIMAL_COLOURS = ("black", "white", "brown", "gray")
+ANIMAL_GROUPS = frozenset({"bird", "pet", "small animal", "mount", "livestock", "wild animal"})
+KID_NOUNS = frozenset({"boy", "girl", "child", "kid", "baby", "little boy", "little girl", "toddler", "son",
+                       "daughter"})
+# Posture verbs by subject: birds perch (sit/stand are one thing for them), hoofed animals stand or lie.
+NO_POSTURE_CHANGE = frozenset({"bird"})
+NO_SITTING = frozenset({"mount", "livestock", "wild animal"})
+POSTURE_VERBS = frozenset({"sit", "stand", "lie", "lay", "kneel", "squat"})
+# Handling verbs whose replacements ("throw", "drop") make no scene with a person, an animal or food as object.
+HANDLING_VERBS = frozenset({"hold", "carry", "catch"})
+
+
+def person_gender(word: str) -> str:
+    """'m', 'f' or '' (either, or not a person noun of PERSON_TRAITS)."""
+    return PERSON_TRAITS.get(word, ("", ""))[0]
+
+# A word before a person noun that fixes its age: "an old man" -> "an old boy" is no English.
+AGE_WORDS = {"old": "adult", "elderly": "adult", "little": "kid", "young": ""}
+# Pairs where one names a kind of the other in everyday speech (WordNet files them apart): never replacements.
+SAME_THING = frozenset({("dog", "puppy"), ("cat", "kitten"), ("flower", "rose"), ("cow", "bull"),
+                        ("boat", "sailboat"), ("boat", "yacht"), ("boat", "canoe"), ("boat", "kayak"),
+                        ("airplane", "jet"), ("airplane", "glider"), ("couch", "sofa bed"), ("chair", "armchair"),
+                        ("car", "taxi"), ("car", "jeep"), ("bag", "purse"), ("bag", "backpack"), ("cup", "mug"),
+                        ("computer", "laptop"), ("phone", "cell phone"), ("ball", "frisbee")})
+SAME_THING_OF = {w: {b for a, b in SAME_THING if a == w} | {a for a, b in SAME_THING if b == w}
+                 for pair in SAME_THING for w in pair}
+# Groups whose nouns head "a <noun> of <content>" ("a bowl of soup"); other heads of such a phrase keep their word.
+CONTAINER_GROUPS = frozenset({"plate", "bowl", "drinkware", "luggage"})
+# Objects something can be under: "a vase under a table", not "a pizza under a tray".
+UNDER_GROUPS = frozenset({"seat", "table", "bed", "storage", "road vehicle", "rail vehicle", "cart"})
+# "talking on a phone", "playing on a laptop": "on" after these verbs is no place.
+NON_SPATIAL_ON = frozenset({"talk", "play", "work", "type", "chat", "speak", "write", "draw"})

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 
 from ..errors import UserError
 from .caption_words import (ADJECTIVE_CLASSES, ADJECTIVE_OPPOSITES, CATEGORY_ANCHORS, INTRANSITIVE_OK,
-                            INVARIANT_PLURALS, NOT_ADJECTIVES, NOUN_GROUPS, PERSON_GROUPS, PLACE_NOUNS,
+                            INVARIANT_PLURALS, NOT_ADJECTIVES, NOUN_GROUPS, PERSON_GROUPS, PLACE_NOUNS, SAME_THING_OF,
                             SENSE_OVERRIDES, SPELLINGS, TRANSITIVE, VERB_FRAMES, persons_differ)
 
 DEBIAN_WORDNET = "/usr/share/wordnet"
@@ -413,9 +413,10 @@ class Lexicon:
         synonyms = {name.lower() for s in wn.synsets(low, "n") for name in s.lemma_names()}
         synonyms.add(low)
         found: dict[str, int] = {}
+        same = SAME_THING_OF.get(spaced, ())
         for word in self._group_words(group):
             key = word.replace(" ", "_")
-            if key in synonyms or word == spaced:
+            if key in synonyms or word == spaced or word in same:
                 continue
             other = self.noun_sense(key)
             if other is not None and sense is not None and (

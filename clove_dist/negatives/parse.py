@@ -325,7 +325,9 @@ def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], l
         for c in children[r]:
             if dep[c] == "amod" and pos[c] == "ADJ" and low[c] not in NOT_ADJECTIVES and c not in fixed:
                 for k in [c] + [g for g in children[c] if dep[g] == "conj" and pos[g] == "ADJ"]:
-                    elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
+                    # alt_lemma: the noun described, which decides what may replace the attribute
+                    elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1,
+                                     noun_lemma_of(r)))
                     adjective_of[k] = r
             elif dep[c] == "nummod" and pos[c] == "NUM":
                 elements.append(("N", start[c], end[c], low[c], tag[c], -1, ""))
@@ -338,7 +340,8 @@ def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], l
             subject_of[k] = head[k]
     for k in range(n):
         if dep[k] == "acomp" and pos[k] == "ADJ" and head[k] in subject_of and low[k] not in NOT_ADJECTIVES:
-            elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
+            elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1,
+                             noun_lemma_of(subject_of[head[k]])))
             adjective_of[k] = subject_of[head[k]]
 
     def noun_lemma(r: int) -> str:
@@ -348,23 +351,27 @@ def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], l
     for k in range(n):
         if pos[k] == "ADP" and dep[k] == "prep" and k not in in_phrase:
             objects = [c for c in children[k] if dep[c] == "pobj" and c in roots]
-            if objects:  # the object's lemma decides whether the relation can change (no "under a beach")
-                elements.append(("P", start[k], end[k], low[k], tag[k], -1, noun_lemma(objects[0])))
-        elif pos[k] == "VERB" and k in subject_of:
-            direct = any(dep[c] == "dobj" and c in roots for c in children[k])
+            if objects:  # alt_lemma "object|head|head part of speech": no "under a beach", no "sitting under"
+                elements.append(("P", start[k], end[k], low[k], tag[k], -1,
+                                 f"{noun_lemma(objects[0])}|{noun_lemma(head[k])}|{pos[head[k]]}"))
+        elif pos[k] == "VERB" and k in subject_of and not any(dep[c] == "dative" for c in children[k]):
+            direct = [c for c in children[k] if dep[c] == "dobj" and c in roots]
             if direct or any(c in phrase_starts or
                              (dep[c] == "prep" and any(dep[g] == "pobj" and g in roots for g in children[c]))
                              for c in children[k]):
-                # "t": the verb has a direct object, so only transitive verbs may replace it
+                # alt_lemma "t|subject|object" or "i|subject|": with a direct object only transitive verbs may
+                # replace it, and subject and object decide which replacements make a scene
+                frame = f"t|{noun_lemma_of(subject_of[k])}|{noun_lemma_of(direct[0])}" if direct else \
+                    f"i|{noun_lemma_of(subject_of[k])}|"
                 elements.append(("V", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1,
-                                 "t" if direct else "i"))
+                                 frame))
     for i, j in phrases:
         if chunk_starts[j] in roots:
             elements.append(("P", start[i], end[j - 1], " ".join(low[i:j]), tag[j - 1], -1,
-                             noun_lemma(chunk_starts[j])))
+                             f"{noun_lemma(chunk_starts[j])}|{noun_lemma(head[i])}|{pos[head[i]]}"))
 
     # Adjectives swap only between two nouns: two adjectives of one noun ("a white and black cow") keep the meaning.
-    swaps = heads + [("adj", start[k], end[k], noun, lemma_of(text[start[k]:end[k]], tag[k]))
+    swaps = heads + [("adj", start[k], end[k], noun, f"{lemma_of(text[start[k]:end[k]], tag[k])}|{noun_lemma_of(noun)}")
                      for k, noun in sorted(adjective_of.items())]
     swaps += [("np", start[a], end[b - 1], coordination(r), noun_lemma_of(r)) for a, b, r in nps]
     return elements, swaps

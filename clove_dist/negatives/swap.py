@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .caption_words import ADJECTIVE_CLASSES, PERSON_GROUPS, SIZE_ADJECTIVES, SPELLINGS
+from .caption_words import ADJECTIVE_CLASSES, ANIMAL_GROUPS, PERSON_GROUPS, SIZE_ADJECTIVES, SPELLINGS
 from .inflect import fix_article
 from .parse import Parse
 
@@ -28,18 +28,24 @@ GROUP_KIND = {"noun-sg": "swap-noun", "noun-pl": "swap-noun", "adj": "swap-adjec
 
 Pair = tuple[str, tuple[int, int], tuple[int, int]]
 _DOUBLED = re.compile(r"\b(\w+) \1\b", re.IGNORECASE)
-_VEHICLES = frozenset({"wheeled", "boat", "aircraft"})
 _ADJECTIVE_CLASS = {w: str(i) for i, words in enumerate(ADJECTIVE_CLASSES) for w in words}
 _PERSONS = frozenset(w for group in PERSON_GROUPS for w in group) | {"person", "people"}
+_MERGED = {**{g: "animal" for g in ANIMAL_GROUPS}, "road vehicle": "vehicle", "two-wheeler": "vehicle"}
+# Relations whose two sides cannot trade places without changing the scene; "next to", "and", "with" can, so a
+# swap across them says the same thing unless an attribute changes its noun.
+_DIRECTED = re.compile(r"\b(?:on|under|above|below|behind|in front of|on top of|inside|over|beneath|atop)\b")
 
 
 def swap_class(group: str, lemma: str, lexicon: Any) -> str:
     """What a span may swap with: persons with persons, animals with animals, vehicles with vehicles, other
-    things with things, colours with colours, sizes and states with sizes and states; '' = never swapped
-    (places: "a blue grass swimming on five cats" is no scene; words no table knows)."""
+    things within their category, colours with colours, sizes with sizes; '' = never swapped (places: "a blue
+    grass swimming on five cats" is no scene; words no table knows)."""
     if group == "adj":
-        word = SPELLINGS.get(lemma, lemma)
-        return "size" if word in SIZE_ADJECTIVES else _ADJECTIVE_CLASS.get(word, "")
+        word, _, noun = lemma.partition("|")
+        word = SPELLINGS.get(word, word)
+        kind = "size" if word in SIZE_ADJECTIVES else _ADJECTIVE_CLASS.get(word, "")
+        noun_class = swap_class("noun-sg", noun, lexicon) if noun else ""
+        return f"{kind}:{noun_class}" if kind and noun_class else ""  # "a red sky" from "a red kite": no
     spaced = lemma.replace("_", " ")
     if spaced in _PERSONS or spaced.rsplit(" ", 1)[-1] in _PERSONS:
         return "person"
@@ -49,20 +55,20 @@ def swap_class(group: str, lemma: str, lexicon: Any) -> str:
     if category == "noun.person":
         return "person"
     noun_group = lexicon.noun_group(lemma)
-    if noun_group in _VEHICLES:
-        return "vehicle"
-    if noun_group in ("bird", "pet", "large animal"):
-        return "animal"
-    return noun_group  # things swap within their category: "a kitchen table with candles on a cake" is no scene
+    return _MERGED.get(noun_group, noun_group)
 
 
 def swap_pairs(caption: str, parse: Parse, lexicon: Any) -> list[Pair]:
-    """Every pair of same-group, same-class spans with different texts and different owners, in parse order."""
+    """Every pair of same-group, same-class spans with different texts and different owners that changes the
+    scene: across a directed relation ("a truck behind a van"), or moving an attribute ("a motorcycle next to a
+    red car"); adjectives always move (that is the change)."""
     by_group: dict[str, list[tuple[int, int, int, str]]] = {}
     for group, start, end, owner, lemma in parse.swaps:
         cls = swap_class(group, lemma, lexicon)
         if cls:
             by_group.setdefault(group, []).append((start, end, owner, cls))
+    described = {o for g, _, _, o, _ in parse.swaps if g == "adj"}
+    noun_owner = {(s, e): o for g, s, e, o, _ in parse.swaps if g in ("noun-sg", "noun-pl")}
     pairs: list[Pair] = []
     for group, spans in by_group.items():
         kind = GROUP_KIND[group]
@@ -71,10 +77,22 @@ def swap_pairs(caption: str, parse: Parse, lexicon: Any) -> list[Pair]:
             for s2, e2, o2, c2 in spans[i + 1:]:
                 if o1 == o2 or c1 != c2 or not (e1 <= s2 or e2 <= s1):
                     continue
-                if caption[s2:e2].casefold() != text_a:
-                    a, b = (s1, e1), (s2, e2)
-                    pairs.append((kind, a, b) if a[0] < b[0] else (kind, b, a))
+                if caption[s2:e2].casefold() == text_a:
+                    continue
+                a, b = ((s1, e1), (s2, e2)) if s1 < s2 else ((s2, e2), (s1, e1))
+                if group != "adj":
+                    between = caption[a[1]:b[0]].casefold()
+                    moves_attribute = group in ("noun-sg", "noun-pl") and \
+                        (_owner_described(noun_owner, a, described) or _owner_described(noun_owner, b, described))
+                    if not _DIRECTED.search(between) and not moves_attribute:
+                        continue
+                pairs.append((kind, a, b))
     return pairs
+
+
+def _owner_described(noun_owner: dict, span: tuple[int, int], described: set[int]) -> bool:
+    """Whether the noun at `span` has an adjective (its coordination id is the noun's own token index)."""
+    return noun_owner.get(span, -1) in described
 
 
 def _sentence_case(first: str, moved: str) -> tuple[str, str]:
