@@ -44,7 +44,7 @@ SENSE_OVERRIDES: dict[str, str] = {
 
 PERSON_GROUPS: tuple[tuple[str, ...], ...] = (
     ("man", "woman", "boy", "girl", "child", "baby", "lady", "guy", "kid", "gentleman", "old man", "old woman",
-     "young man", "young woman", "little boy", "little girl", "teenager", "adult"),
+     "young man", "young woman", "little boy", "little girl", "teenager", "adult", "mother", "father"),
     ("skier", "snowboarder", "surfer", "skateboarder", "cyclist", "swimmer", "runner", "biker"),
     ("tennis player", "baseball player", "soccer player", "football player", "basketball player", "golfer"),
     ("chef", "waiter", "doctor", "nurse", "police officer", "soldier", "farmer", "student", "teacher"),
@@ -57,7 +57,7 @@ PERSON_TRAITS: dict[str, tuple[str, str]] = {
     "gentleman": ("m", "adult"), "old man": ("m", "old"), "old woman": ("f", "old"), "young man": ("m", "young"),
     "young woman": ("f", "young"), "boy": ("m", "kid"), "girl": ("f", "kid"), "little boy": ("m", "kid"),
     "little girl": ("f", "kid"), "child": ("", "kid"), "kid": ("", "kid"), "baby": ("", "baby"),
-    "teenager": ("", "teen"), "adult": ("", "adult"),
+    "teenager": ("", "teen"), "adult": ("", "adult"), "mother": ("f", "adult"), "father": ("m", "adult"),
 }
 
 
@@ -197,7 +197,11 @@ NOUN_GROUPS: dict[str, tuple[str, ...]] = {
     "reading": ("book", "newspaper", "magazine"),
     "toy": ("teddy bear", "doll", "stuffed animal"),
     "opening": ("window", "door", "gate"),
+    "tool": ("scissors", "knife", "pen", "toothbrush", "hammer"),
 }
+# Generic nouns whose own category holds only their kinds ("bird": pigeon, duck): candidates come from a
+# neighbouring category instead ("a bird on a fence" -> "a cat on a fence").
+GENERIC_NOUNS = {"bird": "pet", "animal": "pet", "vehicle": "road vehicle", "food": "drink"}
 # (synset, category), most specific first.
 CATEGORY_ANCHORS: tuple[tuple[str, str], ...] = (
     ("bicycle.n.01", "two-wheeler"), ("motorcycle.n.01", "two-wheeler"), ("car.n.01", "road vehicle"),

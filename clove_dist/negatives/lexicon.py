@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
-from .caption_words import (ADJECTIVE_CLASSES, ADJECTIVE_OPPOSITES, CATEGORY_ANCHORS, INTRANSITIVE_OK,
+from .caption_words import (ADJECTIVE_CLASSES, ADJECTIVE_OPPOSITES, CATEGORY_ANCHORS, GENERIC_NOUNS, INTRANSITIVE_OK,
                             INVARIANT_PLURALS, NOT_ADJECTIVES, NOUN_GROUPS, PERSON_GROUPS, PLACE_NOUNS, SAME_THING_OF,
                             SENSE_OVERRIDES, SPELLINGS, TRANSITIVE, VERB_FRAMES, persons_differ)
 
@@ -359,7 +359,8 @@ class Lexicon:
             return self._curated(ADJECTIVE_OPPOSITES[low], low, "a")
         wn = self.wn
         found: dict[str, int] = {}
-        for synset in wn.synsets(low, "a")[: max(self.max_senses, 1)]:
+        senses = wn.synsets(low, "a")
+        for synset in senses[: self.max_senses] if self.max_senses else senses:
             heads = [synset] + (synset.similar_tos() if synset.pos() == "s" else [])
             for head in heads:
                 for name, _ in self._antonyms(head):
@@ -414,7 +415,7 @@ class Lexicon:
         synonyms.add(low)
         found: dict[str, int] = {}
         same = SAME_THING_OF.get(spaced, ())
-        for word in self._group_words(group):
+        for word in self._group_words(GENERIC_NOUNS.get(spaced, group)):
             key = word.replace(" ", "_")
             if key in synonyms or word == spaced or word in same:
                 continue
