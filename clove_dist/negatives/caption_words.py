@@ -107,7 +107,8 @@ ADJECTIVE_OPPOSITES: dict[str, tuple[str, ...]] = {
     "snowy": ("grassy", "sandy"), "grassy": ("snowy", "sandy"), "sandy": ("grassy", "snowy", "rocky"),
     "rocky": ("sandy", "grassy"), "dusty": ("muddy", "grassy"), "muddy": ("dusty", "grassy"),
     "windy": ("calm",), "sunny": ("cloudy",), "cloudy": ("sunny", "clear"), "rainy": ("sunny",),
-    "foggy": ("sunny", "clear"), "clear": ("cloudy",), "paved": ("dirt",), "stuffed": ("live",), "double": ("single",), "single": ("double",),
+    "foggy": ("sunny", "clear"), "clear": ("cloudy",), "paved": ("dirt",), "stuffed": ("live",),
+    "double": ("single",), "single": ("double",),
     "paper": ("plastic", "wooden"), "cardboard": ("wooden", "plastic", "metal"), "concrete": ("wooden", "metal"),
     "male": ("female",), "female": ("male",), "asleep": ("awake",), "awake": ("asleep",),
 }
@@ -198,6 +199,7 @@ NOUN_GROUPS: dict[str, tuple[str, ...]] = {
     "toy": ("teddy bear", "doll", "stuffed animal"),
     "opening": ("window", "door", "gate"),
     "tool": ("scissors", "knife", "pen", "toothbrush", "hammer"),
+    "shape": ("circle", "square", "triangle", "cross", "rectangle", "star", "heart", "diamond"),
 }
 # Generic nouns whose own category holds only their kinds ("bird": pigeon, duck): candidates come from a
 # neighbouring category instead ("a bird on a fence" -> "a cat on a fence").

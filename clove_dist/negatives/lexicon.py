@@ -297,8 +297,11 @@ class Lexicon:
         return sense
 
     def noun_category(self, lemma: str) -> str:
-        """'place' for grounds and rooms, else the lexicographer file of the caption sense ('' when none)."""
+        """'thing' for NOUN_GROUPS words, 'place' for grounds and rooms, else the lexicographer file of the caption
+        sense ('' when none)."""
         low = lemma.lower().replace(" ", "_")
+        if low.replace("_", " ") in _GROUP_OF:
+            return "thing"  # a listed everyday thing ("square" the shape, not the town square)
         if low in PLACE_NOUNS or low.rsplit("_", 1)[-1] in PLACE_NOUNS:
             return "place"
         sense = self.noun_sense(low)

@@ -288,7 +288,7 @@ def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], l
     # Nouns linked by "of" ("a bowl of soup", "a slice of cake") are never swapped: the result names no thing.
     of_linked: set[int] = set()
     for k in range(n):
-        if low[k] == "of" and dep[k] == "prep":
+        if low[k] == "of" and dep[k] == "prep" and k not in in_phrase:  # not "in front of", "to the left of"
             of_linked.add(head[k])
             of_linked.update(c for c in children[k] if dep[c] == "pobj")
     fixed: set[int] = set()  # adjectives that are part of a fixed compound

@@ -22,9 +22,9 @@ import bisect
 import re
 from typing import Any
 
-from .caption_words import (AGE_WORDS, ANIMAL_COLOURS, ANIMAL_GROUPS, COLOURS, CONTAINER_GROUPS, HANDLING_VERBS, KID_NOUNS,
-                            NON_SPATIAL_ON, NO_POSTURE_CHANGE, NO_SITTING, PERSON_TRAITS, POSTURE_VERBS, UNDER_GROUPS,
-                            person_gender)
+from .caption_words import (AGE_WORDS, ANIMAL_COLOURS, ANIMAL_GROUPS, COLOURS, CONTAINER_GROUPS, HANDLING_VERBS,
+                            KID_NOUNS, NO_POSTURE_CHANGE, NO_SITTING, NON_SPATIAL_ON, PERSON_TRAITS, POSTURE_VERBS,
+                            UNDER_GROUPS, person_gender)
 from .inflect import fix_article, inflect, match_case
 from .lexicon import Table, make_table
 from .parse import Parse
@@ -45,13 +45,17 @@ SPATIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("next to", "beside", "near", "close to", "alongside", "by"),
     ("in front of", "ahead of"),
     ("behind", "in back of"),
+    ("to the left of", "on the left of"),
+    ("to the right of", "on the right of"),
 )
-SPATIAL_WEIGHTS = {"on": 6000, "under": 500, "above": 200, "next to": 120, "in front of": 80, "behind": 220}
+SPATIAL_WEIGHTS = {"on": 6000, "under": 500, "below": 120, "above": 200, "next to": 120, "in front of": 80,
+                   "behind": 220, "to the left of": 10, "to the right of": 10}
 # What each group may become: support and containment only become "next to" or "under" ("a pizza above a tray",
 # "a bench on a tree" are no scenes), "next to" only a directed relation (behind, in front of).
-SPATIAL_TARGETS = {"on": ("next to", "under"), "under": ("on", "next to"), "above": ("under", "next to"),
+SPATIAL_TARGETS = {"on": ("next to", "under"), "under": ("on", "next to", "above"), "above": ("below", "next to"),
                    "next to": ("behind", "in front of"), "in front of": ("behind", "next to"),
-                   "behind": ("in front of", "next to")}
+                   "behind": ("in front of", "next to"), "to the left of": ("to the right of",),
+                   "to the right of": ("to the left of",)}
 # Sources that are replaced: "by" (agent or place) and "at" ("looking at") are too often not spatial.
 SPATIAL_SOURCES = frozenset(w for g in SPATIAL_GROUPS for w in g) - {"by", "at", "into", "onto"}
 # What a preposition's object must not be for the relation to change: a place, a garment ("a man in a suit"), a

@@ -33,7 +33,8 @@ _PERSONS = frozenset(w for group in PERSON_GROUPS for w in group) | {"person", "
 _MERGED = {**{g: "animal" for g in ANIMAL_GROUPS}, "road vehicle": "vehicle", "two-wheeler": "vehicle"}
 # Relations whose two sides cannot trade places without changing the scene; "next to", "and", "with" can, so a
 # swap across them says the same thing unless an attribute changes its noun.
-_DIRECTED = re.compile(r"\b(?:on|under|above|below|behind|in front of|on top of|inside|over|beneath|atop)\b")
+_DIRECTED = re.compile(r"\b(?:on|under|above|below|behind|in front of|on top of|inside|over|beneath|atop|"
+                       r"left of|right of)\b")
 
 
 def swap_class(group: str, lemma: str, lexicon: Any) -> str:
