@@ -8,7 +8,10 @@
     # 3. judge negatives_pool.jsonl (texts no earlier round judged) by hand into negatives_judgments.jsonl, then:
     python benchmarks/data/make_pool.py join
 
-Settings: style both, 2 negatives per caption, seed 0, key = "<split>-<line number>", epoch 0.
+Settings: style both, 2 negatives per caption, seed 0, key = "<split>-<line number>", epochs 0 and 1.
+Rounds: round 1 judged the first version of the new generator (epoch 0), round 2 the tuned one (epoch 0, with the
+captions of heldout2 added), round 3 the final one (epochs 0 and 1). A text judged in an earlier round keeps its
+verdict (every round was judged blind); each round's pool holds only texts never judged, of both generators.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EPOCHS = (0, 1)
 SPLITS = {"tuning": HERE / "captions_tuning.txt", "heldout": HERE / "captions_heldout.txt",
           "heldout2": HERE / "captions_heldout2.txt"}
 
@@ -38,20 +42,26 @@ def gen(out: str) -> None:
     from clove_dist.negatives import build
     g = build(NegativesConfig(style="both", max_per_caption=2, seed=0))
     rows = captions()
-    result = g.generate_many([c for _, _, c in rows], [k for _, k, _ in rows], epoch=0)
-    Path(out).write_text(json.dumps([{"split": s, "key": k, "caption": c,
-                                      "negatives": [{"text": n.text, "kind": n.kind} for n in negs]}
-                                     for (s, k, c), negs in zip(rows, result)], indent=0))
+    found = []
+    for epoch in EPOCHS:
+        result = g.generate_many([c for _, _, c in rows], [k for _, k, _ in rows], epoch=epoch)
+        found += [{"split": s, "key": k, "caption": c, "epoch": epoch,
+                   "negatives": [{"text": n.text, "kind": n.kind} for n in negs]}
+                  for (s, k, c), negs in zip(rows, result)]
+    Path(out).write_text(json.dumps(found, indent=0))
 
 
 def _earlier_judgments() -> dict[tuple[str, str], dict]:
-    """(caption, negative) -> judgment from round 1, which was judged blind too: a text judged once keeps its
-    verdict, and only texts never seen go into the new pool."""
+    """(caption, negative) -> judgment of an earlier round, judged blind too: a text judged once keeps its verdict,
+    and only texts never seen go into the new pool."""
     found = {}
-    path = HERE / "round1_negatives_judged.jsonl"
-    if path.is_file():
-        for r in map(json.loads, open(path)):
-            found[(r["caption"], r["negative"])] = {"valid": r["valid"], "reason": r["reason"], "round": 1}
+    for number in (1, 2):
+        path = HERE / f"round{number}_negatives_judged.jsonl"
+        if path.is_file():
+            for r in map(json.loads, open(path)):
+                found.setdefault((r["caption"], r["negative"]),
+                                 {"valid": r["valid"], "reason": r["reason"],
+                                  "round": r.get("judged_in_round", number)})
     return found
 
 
@@ -65,7 +75,7 @@ def pool(old: str, new: str) -> None:
                                                                    "negative": neg["text"], "by": {}})
                 e["by"][version] = neg["kind"]
     items = list(entries.values())
-    random.Random(20261201).shuffle(items)
+    random.Random(20261203).shuffle(items)
     earlier = _earlier_judgments()
     num_new = 0
     with open(HERE / "negatives_pool.jsonl", "w") as f:  # what the judge reads: no version, no kind
@@ -82,7 +92,7 @@ def pool(old: str, new: str) -> None:
 
 def join() -> None:
     labels = {r["id"]: r for r in map(json.loads, open(HERE / "negatives_pool_labels.jsonl"))}
-    judged = {r["id"]: {**r, "round": 2} for r in map(json.loads, open(HERE / "negatives_judgments.jsonl"))}
+    judged = {r["id"]: {**r, "round": 3} for r in map(json.loads, open(HERE / "negatives_judgments.jsonl"))}
     earlier = _earlier_judgments()
     for i, r in labels.items():
         if i not in judged and (r["caption"], r["negative"]) in earlier:
