@@ -15,8 +15,8 @@ microseconds. The generator pickles cheaply: spaCy and WordNet load on first use
 generator's `stats` restart at zero in each process it is sent to (so worker counts can be summed).
 
 What a negative must be (issue 11): grammatical, a plausible scene, and false of the image in one compositional
-detail, never a synonym, hypernym or paraphrase. Read one by one, about 15% of the WordNet-only negatives were;
-this generator's are about 87% on the judged set (benchmarks/data/README.md; measured, not a bound). The rules:
+detail, never a synonym, hypernym or paraphrase. Read one by one, 13% of the WordNet-only negatives were;
+this generator's 86% on the judged set (benchmarks/data/README.md; one reader, measured). The rules:
 - nouns in the sense captions mean (caption_words.SENSE_OVERRIDES, else the first concrete lexicographer file),
   replaced within an everyday category (NOUN_GROUPS), never by a hypernym or hyponym; persons by a visible
   difference of gender or age, kept by a pronoun ("her teeth") or an age word ("an old man");
