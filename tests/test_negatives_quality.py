@@ -31,10 +31,6 @@ def draws(g, caption: str, epochs: int = 60, key: str = "k") -> list[Negative]:
     return out
 
 
-def changed(neg: Negative, kind: str) -> bool:
-    return neg.kind == kind
-
-
 # --- senses and categories -------------------------------------------------------------------------------------
 
 def test_plate_is_tableware_not_home_plate(gen):

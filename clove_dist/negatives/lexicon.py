@@ -1,7 +1,7 @@
-"""WordNet look-ups for REPLACE negatives: antonyms and co-hyponyms, weighted by corpus frequency.
+"""Candidate tables for REPLACE negatives: WordNet senses and antonyms, everyday categories, corpus frequency.
 
-    lex = Lexicon(wordnet_path="", max_senses=1)
-    table = lex.table("dog", "n")      # Table(words=('cat', 'fox', ...), cum=(...)) or None
+    lex = Lexicon(wordnet_path="", max_senses=1, vocabulary=None, min_corpus_count=5)
+    table = lex.table("dog", "n")      # Table(words=('cat', 'kitten'), cum=(...)) or None
 
 Where WordNet comes from, first match wins:
 1. `negatives.wordnet_path` when set (a directory of WordNet dict files: data.noun, index.noun, ...);
@@ -11,21 +11,23 @@ Debian's package lacks the `lexnames` file that NLTK's reader opens, and NLTK re
 root, so such a directory is copied once (28 MB) into ~/.cache/clove-dist/ with the 45-line lexnames table of
 lexnames(5WN) added. Nothing found is one error line naming the install command.
 
-Candidates for a word (faithful to CLoVe's re-implementation of SugarCrepe's REPLACE, differences marked *):
-- antonyms of the word's lemmas;
-- co-hyponyms: synsets sharing a grandparent (hypernym of a hypernym) with the word's synset, which includes its
-  siblings; *where a hypernym has no hypernym (shallow verb trees) the siblings under that hypernym;
-- adjectives go through their derivationally related nouns and back (red -> redness -> blueness -> blue), so
-  colours map to colours; *a satellite adjective also takes the antonyms of its head (huge -> large -> small);
-- never a synonym: a candidate sharing any synset with the word is dropped;
-- *senses: the first `max_senses` senses (WordNet lists them most frequent first) that yield any candidate;
-  CLoVe pools every sense (max_senses=0), which turns "dog" into "boy" through dog's rare senses;
-- weight = corpus frequency from cntlist.rev; *a word never seen there weighs 1/8 of a word seen once (CLoVe: 1),
-  so the long tail of rare taxa does not outweigh common words;
-- *candidates with capitals or digits (proper names, Latin taxa) and of more than three words are dropped.
+Candidates for a word (issue 11: CLoVe's WordNet co-hyponyms, read one by one, were mostly not usable: "plate" ->
+"second base", "people" -> "knowledges", "tree" -> "scorzonera", "standing" -> "rising"):
+- nouns: the sense captions mean (caption_words.SENSE_OVERRIDES, else the first sense in a concrete
+  lexicographer file: artifact, animal, person, food, plant, object, body, substance, location); replaced by
+  another word of the same everyday category (caption_words.NOUN_GROUPS; a word outside the lists joins a
+  category through its hypernyms, CATEGORY_ANCHORS), never by a hypernym or hyponym of that sense; places,
+  abstractions and person nouns outside PERSON_GROUPS get no candidate;
+- adjectives: colours, materials by class, size, age, state... by their opposites (caption_words tables); any
+  other adjective takes WordNet's direct antonyms (a satellite also its head's: huge -> large -> small) over the
+  first `max_senses` senses (0 = every sense, as CLoVe pools them);
+- verbs: only by frame (caption_words.VERB_FRAMES): table(lemma, "v") with a direct object, "vi" without;
+- never a synonym: a candidate sharing a synset with the word is dropped;
+- weights: with a corpus vocabulary (vocabulary.py) the candidate's count in the captions, and candidates under
+  `min_corpus_count` are dropped; without one, its noun count in WordNet's tagged corpus (cntlist.rev) plus one
+  (WordNet antonyms need a count of at least one: no rare taxa).
 `Lemma.count()` re-reads cntlist.rev on every call (about 245 ms per new word), so the file is loaded into a dict
-once. Tables are cached per process (bounded), and so are the synset families behind them, which words of one
-field share; a word's first look-up costs about 1-50 ms (a few hundred for the widest families, such as "man").
+once. Tables are cached per process (bounded); a word's first look-up costs about 1-20 ms.
 """
 from __future__ import annotations
 
@@ -62,7 +64,6 @@ _DICT_FILES = ("data.noun", "data.verb", "data.adj", "data.adv", "index.noun", "
                "index.adv", "noun.exc", "verb.exc", "adj.exc", "adv.exc", "cntlist.rev")
 
 PER_ELEMENT = 2  # candidates a caption element stands for at most (CLoVe's n_choices_per_graph_element)
-UNSEEN_WEIGHT_DIVISOR = 8  # a candidate absent from cntlist.rev weighs 1/8 of one seen once
 MAX_TABLES = 50_000  # cached (word, pos) tables per process before the oldest half is dropped
 # Lexicographer files of things one can see; a caption's head noun is read in the first sense from one of them.
 CONCRETE_NOUN_FILES = frozenset({"noun.artifact", "noun.animal", "noun.person", "noun.food", "noun.plant",
@@ -241,9 +242,6 @@ class Lexicon:
         self._wn: Any = None
         self._counts: dict[str, int] = {}
         self._tables: dict[tuple[str, str], Table | None] = {}
-        self._synset_lemmas: dict[Any, tuple[tuple[str, int], ...]] = {}
-        self._families: dict[Any, tuple[Any, ...]] = {}
-        self._derived: dict[Any, tuple[tuple[str, int, Any], ...]] = {}
         self._senses: dict[str, Any] = {}
         self._word_counts: dict[str, int] = {}
         self._vocab_groups: dict[str, tuple[str, ...]] | None = None
@@ -331,8 +329,6 @@ class Lexicon:
         return count if count >= 1 else 0
 
     # -- candidate search ------------------------------------------------------------------------------------
-    # Words of one field share grandparents (man, woman, boy, girl), so the expensive part, loading thousands of
-    # synsets through NLTK, is cached per synset rather than per word.
 
     def _curated(self, words: Any, exclude: str, pos: str | None = None) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -366,7 +362,7 @@ class Lexicon:
         for synset in senses[: self.max_senses] if self.max_senses else senses:
             heads = [synset] + (synset.similar_tos() if synset.pos() == "s" else [])
             for head in heads:
-                for name, _ in self._antonyms(head):
+                for name in self._antonyms(head):
                     weight = self._frequent(name, curated=False, pos="a")
                     if weight and _PLAIN.fullmatch(name) and name.lower() != low:
                         found[name] = weight
@@ -431,64 +427,7 @@ class Lexicon:
                 found[key] = weight
         return found
 
-    def _cached(self, cache: dict[Any, Any], key: Any, make: Any) -> Any:
-        hit = cache.get(key)
-        if hit is None:
-            if len(cache) >= MAX_TABLES:
-                cache.clear()
-            hit = cache[key] = make()
-        return hit
-
-    def _weight(self, lemma: Any) -> int:
-        return self._counts.get(lemma.key(), 0) * UNSEEN_WEIGHT_DIVISOR or 1
-
-    def _lemma_weights(self, synset: Any) -> tuple[tuple[str, int], ...]:
-        return self._cached(self._synset_lemmas, synset,
-                            lambda: tuple((l.name(), self._weight(l)) for l in synset.lemmas()))
-
-    def _antonyms(self, synset: Any) -> Iterator[tuple[str, int]]:
+    def _antonyms(self, synset: Any) -> Iterator[str]:
         for lemma in synset.lemmas():
             for ant in lemma.antonyms():
-                yield ant.name(), self._weight(ant)
-
-    def _family(self, parent: Any) -> tuple[Any, ...]:
-        """Grandchildren of the parent's parents (its children when it has no parent), in a stable order."""
-        def make() -> tuple[Any, ...]:
-            grandparents = parent.hypernyms()
-            uncles = [u for g in grandparents for u in g.hyponyms()] if grandparents else [parent]
-            return tuple(dict.fromkeys(c for u in uncles for c in u.hyponyms()))
-        return self._cached(self._families, parent, make)
-
-    def _cohyponyms(self, synset: Any) -> Iterator[Any]:
-        """Synsets sharing a grandparent with `synset` (or, under a top-level parent, sharing the parent)."""
-        seen = {synset}
-        for parent in synset.hypernyms():
-            for cousin in self._family(parent):
-                if cousin not in seen:
-                    seen.add(cousin)
-                    yield cousin
-
-    def _related(self, synset: Any) -> Iterator[tuple[str, int]]:
-        yield from self._antonyms(synset)
-        for cousin in self._cohyponyms(synset):
-            yield from self._lemma_weights(cousin)
-
-    def _adjective_forms(self, synset: Any) -> tuple[tuple[str, int, Any], ...]:
-        """(name, weight, synset) of the adjectives derived from a noun synset's lemmas."""
-        return self._cached(self._derived, synset, lambda: tuple(
-            (adj.name(), self._weight(adj), adj.synset()) for lemma in synset.lemmas()
-            for adj in lemma.derivationally_related_forms() if adj.synset().pos() in ("a", "s")))
-
-    def _adjective_related(self, synset: Any, word: str) -> Iterator[tuple[str, int]]:
-        yield from self._antonyms(synset)
-        if synset.pos() == "s":
-            for head in synset.similar_tos():
-                yield from self._antonyms(head)
-        own = [l for l in synset.lemmas() if l.name().lower() == word.lower()] or synset.lemmas()
-        nouns = sorted({d.synset() for l in own for d in l.derivationally_related_forms() if d.synset().pos() == "n"},
-                       key=lambda s: s.name())
-        for noun in nouns:
-            for cousin in self._cohyponyms(noun):
-                for name, weight, adj_synset in self._adjective_forms(cousin):
-                    if adj_synset != synset:
-                        yield name, weight
+                yield ant.name()
