@@ -1,6 +1,7 @@
 """Hard-negative generation: throughput on the fly and from the cached parse, coverage by kind, samples to read.
 
-    python benchmarks/bench_negatives.py                 # 5,000 captions; appends results/negatives_throughput.csv
+    clove-dist bench negatives                           # 5,000 captions; appends results/negatives_throughput.csv
+                                                         # and results/negatives_quality.csv
     python benchmarks/bench_negatives.py --num 20000     # a bigger corpus
 
 The corpus is synthetic COCO-style captions (a fixed template grammar below, seeded; nothing is downloaded).
@@ -12,8 +13,13 @@ other jobs stretch the wall time, which is reported too). Measured:
 - on the fly, warm: the same again, another epoch (tables cached), batched (`generate_many`) and one by one
   (`generate`, what the pipeline does without a sidecar);
 - cached parse: `generate(..., parse=...)` from parses loaded from a sidecar, over several epochs;
-- coverage: the share of captions with at least one candidate of each kind, and with a REPLACE negative.
-Targets: on the fly >= 400 captions/s, cached >= 20,000 captions/s, >= 99% with a REPLACE negative.
+- coverage: the share of captions with at least one candidate of each kind, and with a REPLACE negative, on the
+  synthetic corpus and on the 165 captions of the judged set (benchmarks/data/, written in COCO style), with and
+  without `negatives.require_structure`;
+- quality: the valid rate per kind of the judged set (benchmarks/data/negatives_judged.jsonl: negatives of the
+  generator before and after issue 11, judged by hand without knowing which made which; README there).
+Targets: on the fly >= 400 captions/s, cached >= 20,000 captions/s, >= 98% of real captions with a negative,
+>= 70% valid overall with no kind below 50%.
 """
 from __future__ import annotations
 
@@ -136,6 +142,42 @@ class Clock:
                 "captions_per_wall_s": captions / self.wall if captions and self.wall > 0 else None}
 
 
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def written_coverage(gen) -> list[dict]:
+    """Share of the judged set's captions with a negative, per style, with and without CLoVe's filter."""
+    caps = [line.strip() for name in ("captions_tuning.txt", "captions_heldout.txt", "captions_heldout2.txt")
+            for line in (DATA_DIR / name).read_text().splitlines() if line.strip()]
+    rows = []
+    for style in ("replace", "both"):
+        for structure in (False, True):
+            g = build(NegativesConfig(style=style, max_per_caption=1, require_structure=structure))
+            g.lexicon = gen.lexicon
+            made = sum(1 for negs in g.generate_many(caps, [str(i) for i in range(len(caps))], epoch=0) if negs)
+            rows.append({"style": style, "require_structure": structure, "captions": len(caps),
+                         "with_negative": made, "share": made / len(caps)})
+    return rows
+
+
+def judged_rates() -> list[dict]:
+    """Valid rate per generator, split and kind of the judged set (all splits pooled as split 'all')."""
+    import json
+    path = DATA_DIR / "negatives_judged.jsonl"
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        for split in ("all", r["split"]):
+            for kind in ("all", r["kind"]):
+                c = counts.setdefault((r["version"], split, kind), [0, 0])
+                c[0] += bool(r["valid"])
+                c[1] += 1
+    order = {"all": 0, "tuning": 1, "heldout": 2, "heldout2": 3}
+    return [{"generator": v, "split": s, "kind": k, "judged": n, "valid": ok, "valid_rate": ok / n}
+            for (v, s, k), (ok, n) in sorted(counts.items(), key=lambda kv: (kv[0][0] != "old", order.get(
+                kv[0][1], 9), kv[0][2] != "all", kv[0][2]))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num", type=int, default=5000, help="captions in the corpus (>= 5000 for the record)")
@@ -191,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     # coverage: which kinds each caption could get, and what a REPLACE draw gave
     available: Counter = Counter()
     for c, p in zip(caps, parses):
-        kinds = {o[4] for o in replace.options(p, gen.lexicon)} | {k for k, _, _ in swap.swap_pairs(c, p)}
+        kinds = {o[4] for o in replace.options(p, gen.lexicon, c)} | \
+            {k for k, _, _ in swap.swap_pairs(c, p, gen.lexicon)}
         available.update(kinds)
         available["any replace"] += any(k.startswith("replace") for k in kinds)
     cover = build(NegativesConfig(style="replace", max_per_caption=1))
@@ -216,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                         "kind": negs[0].kind if negs else "", "old -> new": f"{negs[0].old} -> {negs[0].new}"
                         if negs else ""})
 
+    written = written_coverage(gen)
+    judged = judged_rates()
+
     ctx = machine_context("cpu")
     ctx["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other jobs on a shared machine slow even CPU time
     header_line = context_header(ctx) + f" Load average (1 min) at the end: {ctx['load_avg_1m']}."
@@ -223,10 +269,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "captions_per_wall_s"])
     cov_table = markdown_table(coverage, ["kind", "share_with_candidate", "share_of_replace_draws"])
     sample_table = markdown_table(samples, ["caption", "negative", "kind", "old -> new"])
+    written_table = markdown_table(written, ["style", "require_structure", "captions", "with_negative", "share"])
+    judged_table = markdown_table(judged, ["generator", "split", "kind", "judged", "valid", "valid_rate"])
     report = (f"# Hard negatives ({len(caps)} COCO-style captions, one process, one thread)\n\n{header_line}\n\n"
               "Targets per core: on the fly >= 400 captions/s, cached parse >= 20,000 captions/s.\n\n"
               f"{table}\n\nCoverage (share of captions):\n\n{cov_table}\n\n"
-              f"Captions with a REPLACE negative: {replace_share:.2%} (target >= 99%).\n\n"
+              f"Captions with a REPLACE negative: {replace_share:.2%}.\n\n"
+              f"Coverage on the judged set's captions (written in COCO style; target >= 98%):\n\n{written_table}\n\n"
+              "Valid hard negatives (benchmarks/data/negatives_judged.jsonl; `old` = the generator before issue 11, "
+              "`new` = this one; `heldout2` captions were written before the last tuning round and not looked at "
+              f"while tuning; target >= 70% valid, no kind below 50%):\n\n{judged_table}\n\n"
               f"30 samples (style both, seed 7):\n\n{sample_table}\n")
     print(report)
     if not args.no_save:
@@ -237,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                    + [{**ctx, "num_captions": len(caps), **blank, "measure": f"coverage {c['kind']}",
                        "share": c["share_with_candidate"], "share_of_replace_draws": c["share_of_replace_draws"]}
                       for c in coverage])
+        append_csv(RESULTS_DIR / "negatives_quality.csv",
+                   [{**ctx, "measure": "valid rate", "generator": r["generator"], "split": r["split"],
+                     "kind": r["kind"], "style": None, "require_structure": None, "count": r["judged"],
+                     "share": r["valid_rate"]} for r in judged]
+                   + [{**ctx, "measure": "coverage of written captions", "generator": "new", "split": "all",
+                       "kind": None, "style": w["style"], "require_structure": w["require_structure"],
+                       "count": w["captions"], "share": w["share"]} for w in written])
         (RESULTS_DIR / "negatives_report.md").write_text(report)
     return 0
 

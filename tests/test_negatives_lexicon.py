@@ -112,38 +112,57 @@ def test_antonyms_are_candidates(lex):
     assert "small" in lex.table("huge", "a").words  # a satellite reaches its head's antonym
 
 
-def test_co_hyponyms_share_a_grandparent(lex):
-    dog = lex.wn.synset("dog.n.01")
-    grandparents = {g for p in dog.hypernyms() for g in p.hypernyms()}
+def test_candidates_share_the_caption_category(lex):
+    """Nouns are read in the sense captions mean and replaced within their everyday category."""
+    from clove_dist.negatives.caption_words import NOUN_GROUPS
+    assert lex.noun_sense("plate").name() == "plate.n.04"  # a dish, not home plate
+    assert lex.noun_sense("field").lexname() == "noun.location" and lex.table("field", "n") is None
+    assert lex.table("person", "n") is None and lex.table("people", "n") is None
     table = lex.table("dog", "n")
-    assert "cat" in table.words and "fox" in table.words
-    for word in table.words[:20]:
-        if word in {a.name() for s in lex.wn.synsets("dog", "n") for l in s.lemmas() for a in l.antonyms()}:
-            continue
-        shared = any(grandparents & {g for p in s.hypernyms() for g in p.hypernyms()}
-                     for s in synsets_of(lex, word))
-        assert shared, word
+    assert "cat" in table.words and set(table.words) <= set(NOUN_GROUPS["pet"])
+    for word in lex.table("car", "n").words:
+        sense = lex.noun_sense(word)
+        assert sense.lexname() == "noun.artifact" and word in NOUN_GROUPS["road vehicle"]
+    # a hypernym or a hyponym may still be true of the picture: never a candidate
+    car = lex.wn.synset("car.n.01")
+    for word in lex.table("car", "n").words:
+        other = lex.noun_sense(word)
+        assert other not in car.closure(lambda s: s.hypernyms())
+        assert car not in other.closure(lambda s: s.hypernyms())
 
 
-@pytest.mark.parametrize("word,pos", [("dog", "n"), ("man", "n"), ("car", "n"), ("table", "n"), ("ride", "v"),
+@pytest.mark.parametrize("word,pos", [("dog", "n"), ("man", "n"), ("car", "n"), ("bench", "n"), ("ride", "v"),
                                       ("hold", "v"), ("red", "a"), ("small", "a"), ("old", "a"), ("big", "a")])
 def test_never_a_synonym(lex, word, pos):
     table = lex.table(word, pos)
     assert table is not None
-    own = synsets_of(lex, word)
+    # verbs in their everyday (first) sense: "hold" and "throw" share only "hold / throw a party"
+    own = set(lex.wn.synsets(word, "v")[:1]) if pos == "v" else synsets_of(lex, word)
     for cand in table.words:
-        assert not (own & synsets_of(lex, cand)), (word, cand)
+        other = set(lex.wn.synsets(cand, "v")[:1]) if pos == "v" else synsets_of(lex, cand)
+        assert not (own & other), (word, cand)
         assert cand.lower() != word
 
 
 def test_frequency_weighting(lex):
-    table = lex.table("dog", "n")
+    """Without a corpus vocabulary a candidate weighs its noun count in WordNet's tagged corpus, plus one."""
+    table = lex.table("car", "n")
     weights = [b - a for a, b in zip((0,) + table.cum[:-1], table.cum)]
     assert weights == sorted(weights, reverse=True)  # stored heaviest first
     assert table.total == table.cum[-1] == sum(weights)
-    cat = weights[table.words.index("cat")]
-    assert weights[-1] == 1  # the rarest candidates never occur in the sense-tagged corpus
-    assert cat > 10 * weights[-1]  # 'cat' occurs there many times
+    for word, weight in zip(table.words, weights):  # NLTK's own (slow) count, read independently
+        assert weight == sum(l.count() for l in lex.wn.lemmas(word.replace(" ", "_"), "n")) + 1, word
+    assert weights[table.words.index("truck")] > 5 * weights[table.words.index("van")]
+
+
+def test_corpus_vocabulary_decides(lex):
+    vocab = {"dog": 50, "cat": 40, "horse": 9, "kitten": 2, "zebra": 30}
+    corpus = Lexicon(vocabulary=vocab, min_corpus_count=5)
+    table = corpus.table("dog", "n")
+    assert table.words == ("cat",)  # kitten is too rare here, horse and zebra are of another category
+    assert corpus.table("horse", "n") is None  # no other mount the corpus uses; a zebra is of another category
+    loose = Lexicon(vocabulary=vocab, min_corpus_count=1).table("dog", "n")
+    assert loose.words == ("cat", "kitten") and loose.cum == (40, 42)  # weighted by corpus count
 
 
 def test_tables_are_deterministic_and_cached(lex):
@@ -155,10 +174,11 @@ def test_tables_are_deterministic_and_cached(lex):
 
 
 def test_every_sense_pools_more_candidates(lex):
+    """max_senses limits the WordNet senses whose antonyms an adjective outside the tables takes."""
     everything = Lexicon(max_senses=0)
-    first = set(lex.table("dog", "n").words)
-    pooled = set(everything.table("dog", "n").words)
-    assert first < pooled and "boy" in pooled - first  # CLoVe's pooling reaches dog's rare senses
+    first = set(lex.table("light", "a").words)
+    pooled = set(everything.table("light", "a").words)
+    assert first == {"heavy"} and first < pooled and "dark" in pooled
 
 
 def test_candidates_are_plain_words(lex):

@@ -14,8 +14,28 @@ not depend on the epoch: with a sidecar (`parse=` from `load_sidecar`) no spaCy 
 microseconds. The generator pickles cheaply: spaCy and WordNet load on first use in each process, and a
 generator's `stats` restart at zero in each process it is sent to (so worker counts can be summed).
 
+What a negative must be (issue 11): grammatical, a plausible scene, and false of the image in one compositional
+detail, never a synonym, hypernym or paraphrase. Read one by one, 13% of the WordNet-only negatives were;
+this generator's 86% on the judged set (benchmarks/data/README.md; one reader, measured). The rules:
+- nouns in the sense captions mean (caption_words.SENSE_OVERRIDES, else the first concrete lexicographer file),
+  replaced within an everyday category (NOUN_GROUPS), never by a hypernym or hyponym; persons by a visible
+  difference of gender or age, kept by a pronoun ("her teeth") or an age word ("an old man");
+- relations: spatial prepositions only, never within a group of near synonyms, never to "with", "from", "by",
+  "through", and only towards a thing, animal or person (not "under a beach", not "a man under a suit");
+- verbs by frame (caption_words.VERB_FRAMES): posture among posture, transitive stays transitive, what the
+  subject can do ("a cow sitting", "a dog throwing a frisbee" are out);
+- swaps only within a class, across a directed relation or moving an attribute; never two conjuncts of one
+  coordination or two adjectives of one noun; quantifiers ("several") are no adjectives;
+- no edit past the text encoder's window (`negatives.context_length`, open_clip's tokenizer);
+- with a corpus vocabulary (`clove-dist negatives` writes it), candidates the data uses at least
+  `negatives.min_corpus_count` times, weighted by their count.
+`negatives.require_structure: true` reproduces CLoVe's filter (two entities and a relation or modifier). Default
+false: on the judged captions it changes nothing, and on short alt-text ("white cat" -> "black cat", "a cute dog")
+it drops valid negatives; measured 97.85% -> 97.5% of the benchmark's synthetic captions with a negative.
+
 Modules: parse.py (caption -> scene graph), lexicon.py (WordNet), replace.py, swap.py, inflect.py (surface
-forms), sidecar.py (cache files), precompute.py (the `clove-dist negatives` command).
+forms, the text window), caption_words.py (tables for frequent caption words), sidecar.py (cache files),
+vocabulary.py (corpus lemma counts), precompute.py (the `clove-dist negatives` command).
 """
 from __future__ import annotations
 
@@ -28,13 +48,16 @@ from . import replace, swap
 from .lexicon import Lexicon, WordNetMissing
 from .parse import FLAG_CLEANED, FLAG_TRUNCATED, Parse, SceneParser, SpacyModelMissing
 from .sidecar import load_sidecar, sidecar_path
+from .inflect import window_end
+from .vocabulary import default_vocabulary_path, load_vocabulary
 
 STYLES = ("replace", "swap", "both", "none")
 KINDS = ("replace-entity", "replace-attribute", "replace-relation", "swap-noun", "swap-adjective", "swap-phrase")
-STATUS_STATS = {"empty": "num_empty", "non_english": "num_non_english", "no_noun": "num_no_noun"}
+STATUS_STATS = {"empty": "num_empty", "non_english": "num_non_english", "no_noun": "num_no_noun",
+                "not_string": "num_not_string"}
 STAT_KEYS = ("num_captions", "num_with_negative", "num_negatives", "num_empty", "num_non_english", "num_no_noun",
-             "num_no_candidate", "num_truncated", "num_cleaned", "num_parsed", "num_cached_parse",
-             "num_stale_parse") + tuple("num_" + k.replace("-", "_") for k in KINDS)
+             "num_not_string", "num_no_candidate", "num_unstructured", "num_truncated", "num_cleaned", "num_parsed",
+             "num_cached_parse", "num_stale_parse") + tuple("num_" + k.replace("-", "_") for k in KINDS)
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,10 @@ class NegativeGenerator:
 
     def __init__(self, cfg: NegativesConfig) -> None:
         self.cfg = cfg
-        self.lexicon = Lexicon(cfg.wordnet_path, cfg.max_senses)
+        vocab_path = cfg.vocabulary or default_vocabulary_path(cfg.sidecar_dir)
+        self.vocabulary_path = vocab_path
+        vocabulary = load_vocabulary(vocab_path) if vocab_path else None
+        self.lexicon = Lexicon(cfg.wordnet_path, cfg.max_senses, vocabulary, cfg.min_corpus_count)
         self.parser = SceneParser(cfg.spacy_model, cfg.max_caption_chars)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
@@ -93,7 +119,12 @@ class NegativeGenerator:
         return self.parser.parse_many(captions)
 
     def generate(self, caption: str, key: str, epoch: int = 0, parse: Parse | None = None) -> list[Negative]:
-        """Negatives of `caption`; `parse` from a sidecar is used when it was made from this very caption."""
+        """Negatives of `caption`; `parse` from a sidecar is used when it was made from this very caption.
+        A caption that is not a string (None, bytes, a number) gives none and is counted in num_not_string."""
+        if not isinstance(caption, str):
+            self.stats["num_captions"] += 1
+            self.stats["num_not_string"] += 1
+            return []
         if self.cfg.style == "none":
             self.stats["num_captions"] += 1
             return []
@@ -119,13 +150,14 @@ class NegativeGenerator:
             self.stats["num_captions"] += len(captions)
             return [[] for _ in captions]
         given = list(parses) if parses is not None else [None] * len(captions)
-        todo = [i for i, p in enumerate(given) if p is None or not p.matches(captions[i])]
+        todo = [i for i, p in enumerate(given) if isinstance(captions[i], str) and
+                (p is None or not p.matches(captions[i]))]
         self.stats["num_stale_parse"] += sum(1 for i in todo if given[i] is not None)
         self.stats["num_cached_parse"] += len(captions) - len(todo)
         self.stats["num_parsed"] += len(todo)
         for i, p in zip(todo, self.parser.parse_many([captions[i] for i in todo])):
             given[i] = p
-        return [self.from_parse(c, k, e, p)  # type: ignore[arg-type]
+        return [self.from_parse(c, k, e, p) if isinstance(c, str) else self.generate(c, k, e)  # type: ignore
                 for c, k, e, p in zip(captions, keys, epochs, given)]
 
     def from_parse(self, caption: str, key: str, epoch: int, parse: Parse) -> list[Negative]:
@@ -138,9 +170,16 @@ class NegativeGenerator:
         if parse.status != "ok":
             stats[STATUS_STATS.get(parse.status, "num_no_noun")] += 1
             return []
+        if self.cfg.require_structure and not has_structure(parse):
+            stats["num_unstructured"] += 1
+            return []
         style = self.cfg.style
-        replace_opts = replace.options(parse, self.lexicon) if style in ("replace", "both") else []
-        swap_pairs = swap.swap_pairs(caption, parse) if style in ("swap", "both") else []
+        replace_opts = replace.options(parse, self.lexicon, caption) if style in ("replace", "both") else []
+        swap_pairs = swap.swap_pairs(caption, parse, self.lexicon) if style in ("swap", "both") else []
+        limit = window_end(caption, self.cfg.context_length)
+        if limit < len(caption):  # an edit the text encoder never sees would be a negative equal to its caption
+            replace_opts = [o for o in replace_opts if o[1] <= limit]
+            swap_pairs = [p for p in swap_pairs if p[2][1] <= limit]
         if not replace_opts and not swap_pairs:
             stats["num_no_candidate"] += 1
             return []
@@ -168,6 +207,12 @@ class NegativeGenerator:
         return out
 
 
+def has_structure(parse: Parse) -> bool:
+    """CLoVe's filter: at least two entities and one relation or modifier."""
+    roles = [e[0] for e in parse.elements]
+    return roles.count("E") >= 2 and any(r in ("P", "V", "A", "N") for r in roles)
+
+
 def build(cfg: NegativesConfig) -> NegativeGenerator:
     """A generator for this config section; ConfigError on values outside their range. Loads nothing yet."""
     if cfg.style not in STYLES:
@@ -178,6 +223,10 @@ def build(cfg: NegativesConfig) -> NegativeGenerator:
         raise ConfigError(f"negatives.max_senses: {cfg.max_senses!r} must be >= 0 (0 = every sense)")
     if cfg.max_caption_chars < 0:
         raise ConfigError(f"negatives.max_caption_chars: {cfg.max_caption_chars!r} must be >= 0")
+    if cfg.min_corpus_count < 0:
+        raise ConfigError(f"negatives.min_corpus_count: {cfg.min_corpus_count!r} must be >= 0")
+    if cfg.context_length < 0 or 0 < cfg.context_length < 3:
+        raise ConfigError(f"negatives.context_length: {cfg.context_length!r} must be 0 (no limit) or >= 3")
     return NegativeGenerator(cfg)
 
 

@@ -1,4 +1,5 @@
-"""Surface forms: a replacement word takes the old word's inflection, casing and indefinite article.
+"""Surface forms: a replacement word takes the old word's inflection, casing and indefinite article; and the part
+of a caption the text encoder sees.
 
     inflect("stand", "VBG")            -> "standing"      (tense and number from the Penn tag of the old word)
     inflect("living room", "NNS")      -> "living rooms"  (a noun phrase inflects its last word, a verb its first)
@@ -8,11 +9,20 @@
 Inflection uses lemminflect (its look-ups cost about 35 us, so they are cached per process). Lemmas of caption
 words come from lemminflect too, since spaCy's lemmatizer is disabled for speed, and so does the vocabulary check
 that tells English captions from others: the parse needs spaCy and lemminflect, never WordNet.
+
+    window_end(caption, context_length=77)   -> character offset; an edit must end at or before it
+
+An edit beyond the encoder's window would make a negative equal to its caption after truncation. CLIP's tokenizer
+keeps `context_length` tokens including its start and end tokens, so 75 tokens of text. A token covers at least
+one non-space character, so a caption of at most 75 non-space characters always fits and costs one `len`; longer
+ones are counted with open_clip's own tokenizer word by word (its BPE never crosses whitespace, so the word counts
+add up to the caption's), each word's count cached.
 """
 from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 # Penn tags whose form lemminflect can produce; any other tag keeps the dictionary form.
 INFLECTED_TAGS = frozenset({"NN", "NNS", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ", "JJ", "JJR", "JJS"})
@@ -96,3 +106,37 @@ def fix_article(before: str, new_word: str) -> str:
     elif article[0].isupper():
         right = right.capitalize()
     return before[: m.start(1)] + right + m.group(2)
+
+
+# --- the text encoder's window ---------------------------------------------------------------------------------
+
+_WORDS = re.compile(r"\S+")
+_TOKENIZER: list[Any] = []
+
+
+def _tokenizer() -> Any:
+    if not _TOKENIZER:
+        from open_clip.tokenizer import SimpleTokenizer
+        _TOKENIZER.append(SimpleTokenizer())
+    return _TOKENIZER[0]
+
+
+@functools.lru_cache(maxsize=131072)
+def num_tokens(word: str) -> int:
+    """BPE tokens of one whitespace-free word, as open_clip's tokenizer counts them."""
+    return len(_tokenizer().encode(word))
+
+
+def window_end(caption: str, context_length: int) -> int:
+    """Character offset after the last whole word the encoder sees (len(caption) when everything fits)."""
+    budget = context_length - 2  # start and end tokens
+    if context_length <= 0 or len(caption) - caption.count(" ") <= budget:
+        return len(caption)
+    used = 0
+    end = 0
+    for m in _WORDS.finditer(caption):
+        used += num_tokens(m.group())
+        if used > budget:
+            return end
+        end = m.end()
+    return len(caption)

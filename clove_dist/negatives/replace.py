@@ -6,8 +6,10 @@
 Where candidates come from, by element role (see parse.py for the roles):
 - entity head nouns `E`, attributes `A` and verbs `V`: WordNet antonyms and co-hyponyms (lexicon.py), never a
   synonym; a compound head (fire hydrant) is looked up whole first, its root noun otherwise;
-- prepositions and phrasal prepositions `P`: the fixed list below, weighted by rough frequency in English. Near
-  synonyms share a group and never replace each other (CLoVe's list would turn "on" into "on top of");
+- entity nouns by category (caption_words.NOUN_GROUPS through WordNet senses), attributes by class or antonym,
+  verbs by frame (caption_words.VERB_FRAMES; transitive stays transitive);
+- prepositions and phrasal prepositions `P`: spatial ones only, and only when their object is a thing, animal
+  or person (SPATIAL_GROUPS below); near synonyms share a group and never replace each other;
 - numbers `N`: another number of the same notation (words or digits), never "one", so "two dogs" stays plural.
 Each element weighs min(2, number of candidates) (Table.weight), after CLoVe, which takes up to two candidates
 per element and then draws uniformly from all of them; the candidate itself is drawn by frequency. The new word
@@ -17,37 +19,62 @@ draw whose new word already occurs in the caption ("a black and black bus") is r
 from __future__ import annotations
 
 import bisect
+import re
 from typing import Any
 
+from .caption_words import (AGE_WORDS, ANIMAL_COLOURS, ANIMAL_GROUPS, COLOURS, CONTAINER_GROUPS, HANDLING_VERBS,
+                            KID_NOUNS, NO_POSTURE_CHANGE, NO_SITTING, NON_SPATIAL_ON, PERSON_TRAITS, POSTURE_VERBS,
+                            UNDER_GROUPS, person_gender)
 from .inflect import fix_article, inflect, match_case
 from .lexicon import Table, make_table
 from .parse import Parse
 
 ROLE_KIND = {"E": "replace-entity", "A": "replace-attribute", "N": "replace-attribute",
              "V": "replace-relation", "P": "replace-relation"}
-_WORDNET_POS = {"E": "n", "A": "a", "V": "v"}
+_PRONOUN = re.compile(r"\b(?:her|his|she|he|him|hers|herself|himself)\b", re.IGNORECASE)
 
-# Prepositions with rough occurrences per million words of written English. A group holds near synonyms, which
-# never replace each other.
-PREPOSITION_GROUPS: tuple[tuple[tuple[str, int], ...], ...] = (
-    (("on", 6000), ("onto", 100), ("upon", 400), ("atop", 5), ("on top of", 30)),
-    (("in", 16000), ("inside", 150), ("within", 400), ("into", 1600), ("inside of", 10)),
-    (("under", 500), ("below", 120), ("beneath", 50), ("underneath", 15)),
-    (("above", 200), ("over", 1000)),
-    (("next to", 120), ("beside", 60), ("by", 4000), ("alongside", 30), ("near", 180), ("close to", 70)),
-    (("in front of", 80), ("ahead of", 40)),
-    (("behind", 220), ("in back of", 3)),
-    (("between", 700), ("among", 250)),
-    (("across from", 10), ("opposite", 40)),
-    (("from", 3500), ("out of", 300), ("away from", 60)),
-    (("outside", 150), ("outside of", 20)),
-    (("toward", 200), ("towards", 150)),
-    (("around", 500),), (("across", 250),), (("along", 250),), (("through", 800),), (("against", 400),),
-    (("with", 5500),), (("without", 450),), (("at", 4000),), (("off", 500),), (("past", 150),),
-    (("in the middle of", 40), ("in the center of", 10)), (("on the side of", 8), ("on the edge of", 10)),
-    (("to the left of", 10), ("on the left of", 3)), (("to the right of", 10), ("on the right of", 3)),
-    (("at the top of", 20),), (("at the bottom of", 20),),
+# Spatial prepositions in groups of near synonyms ("in a field" / "on a field"), which never replace each other.
+# Only the first word of a group, with its rough occurrences per million words, is ever put in as a replacement:
+# "upon", "atop", "within" and the like read as stilted, and "with", "from", "by", "through" are no spatial
+# replacement at all. Relations outside these groups ("of", "for", "through", "along") are not replaced, except
+# "with" <-> "without", which swap only with each other.
+SPATIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("on", "onto", "upon", "atop", "on top of", "in", "inside", "into", "within", "inside of", "at"),
+    ("under", "below", "beneath", "underneath"),
+    ("above", "over"),
+    ("next to", "beside", "near", "close to", "alongside", "by"),
+    ("in front of", "ahead of"),
+    ("behind", "in back of"),
+    ("to the left of", "on the left of"),
+    ("to the right of", "on the right of"),
 )
+SPATIAL_WEIGHTS = {"on": 6000, "under": 500, "below": 120, "above": 200, "next to": 120, "in front of": 80,
+                   "behind": 220, "to the left of": 10, "to the right of": 10}
+# What each group may become: support and containment only become "next to" or "under" ("a pizza above a tray",
+# "a bench on a tree" are no scenes), "next to" only a directed relation (behind, in front of).
+SPATIAL_TARGETS = {"on": ("next to", "under"), "under": ("on", "next to", "above"), "above": ("below", "next to"),
+                   "next to": ("behind", "in front of"), "in front of": ("behind", "next to"),
+                   "behind": ("in front of", "next to"), "to the left of": ("to the right of",),
+                   "to the right of": ("to the left of",)}
+# Sources that are replaced: "by" (agent or place) and "at" ("looking at") are too often not spatial.
+SPATIAL_SOURCES = frozenset(w for g in SPATIAL_GROUPS for w in g) - {"by", "at", "into", "onto"}
+# What a preposition's object must not be for the relation to change: a place, a garment ("a man in a suit"), a
+# body part ("in her arms").
+RELATION_OBJECT_EXCLUDED = frozenset({"clothing", "opening"})
+
+
+def _preposition_tables() -> dict[str, Table]:
+    tables: dict[str, Table] = {}
+    for group in SPATIAL_GROUPS:
+        table = make_table({w.replace(" ", "_"): SPATIAL_WEIGHTS[w] for w in SPATIAL_TARGETS[group[0]]})
+        assert table is not None
+        for word in group:
+            if word in SPATIAL_SOURCES:
+                tables[word] = table
+    for word, other in (("with", "without"), ("without", "with")):
+        tables[word] = make_table({other: 1})  # type: ignore[assignment]
+    return tables
+
 
 # Numbers with rough occurrences per million words; both notations, "one" excluded (it would break agreement).
 NUMBER_WEIGHTS: tuple[tuple[str, int], ...] = (
@@ -67,7 +94,10 @@ def _fixed_tables(groups: tuple[tuple[tuple[str, int], ...], ...]) -> dict[str, 
     return tables
 
 
-PREPOSITION_TABLES = _fixed_tables(PREPOSITION_GROUPS)
+PREPOSITION_TABLES = _preposition_tables()
+_SUPPORT = frozenset(SPATIAL_GROUPS[0])
+_UNDER_OR_SUPPORT = _SUPPORT | frozenset(SPATIAL_GROUPS[1])
+_NEXT_TO = make_table({"next_to": 1})
 NUMBER_TABLES = {**_fixed_tables(tuple(((w, f),) for w, f in NUMBER_WEIGHTS)),
                  **_fixed_tables(tuple(((str(i), f),) for i, (_, f) in zip((2, 3, 4, 5, 6, 7, 8, 9, 10, 12),
                                                                             NUMBER_WEIGHTS)))}
@@ -78,20 +108,125 @@ NUMBER_TABLES = {**_fixed_tables(tuple(((w, f),) for w, f in NUMBER_WEIGHTS)),
 Option = tuple[int, int, Table, str, str]
 
 
-def options(parse: Parse, lexicon: Any) -> list[Option]:
-    """The elements of `parse` that have at least one candidate, in parse order."""
+def relation_object_ok(lemma: str, lexicon: Any) -> bool:
+    """Whether a spatial relation to this object can change into another: a thing, an animal or a person."""
+    category = lexicon.noun_category(lemma)
+    if category in ("place", "noun.body"):
+        return False
+    group = lexicon.noun_group(lemma)
+    if group:
+        return group not in RELATION_OBJECT_EXCLUDED
+    return category == "noun.person"
+
+
+def _subject_group(lemma: str, lexicon: Any) -> str:
+    return "person" if lexicon.noun_category(lemma) == "noun.person" or lemma in ("people", "person") else \
+        lexicon.noun_group(lemma)
+
+
+def _verb_table(lemma: str, frame: str, lexicon: Any, after: str = "") -> Table | None:
+    """Candidates of a verb in its frame "t|subject|object" or "i|subject|": posture verbs keep to what the
+    subject can do (and one lies only on or in something), handling verbs do not throw people, animals or food,
+    animals only change posture or gait."""
+    kind, subject, obj = (frame.split("|") + ["", ""])[:3]
+    table = lexicon.table(lemma, "v" if kind == "t" else "vi")
+    if table is None:
+        return None
+    who = _subject_group(subject, lexicon) if subject else ""
+    drop: set[str] = set()
+    if who in ANIMAL_GROUPS and lemma not in POSTURE_VERBS and lemma not in ("walk", "run"):
+        return None  # "a dog throwing a frisbee", "a giraffe cutting leaves"
+    if lemma in POSTURE_VERBS:
+        if who in NO_POSTURE_CHANGE:
+            return None
+        if who in NO_SITTING:
+            drop.add("sit")
+        if who in ANIMAL_GROUPS:
+            drop.add("kneel")
+        if not after.startswith((" on ", " in ", " inside ", " under ")) or after.startswith(" in front"):
+            drop.update(("lie", "lay"))  # "lying at a table", "lying around a counter"
+    if lemma in HANDLING_VERBS and obj:
+        if _subject_group(obj, lexicon) in ANIMAL_GROUPS | {"person", "food", "mass food", "drink"}:
+            return None
+    if lemma in ("eat", "chew") and who in ANIMAL_GROUPS:
+        return None
+    if not drop:
+        return table
+    return make_table({w.replace(" ", "_"): c - p for w, c, p in zip(table.words, table.cum, (0,) + table.cum)
+                       if w not in drop})
+
+
+def _attribute_table(lemma: str, noun: str, lexicon: Any) -> Table | None:
+    """An attribute's candidates given the noun it describes: animals keep animal colours, a child is not old."""
+    table = lexicon.table(lemma, "a")
+    if table is None or not noun:
+        return table
+    if lemma in ("young", "old", "new") and noun.replace("_", " ") in KID_NOUNS:
+        return None
+    if lemma in COLOURS and lexicon.noun_category(noun) == "place":
+        return None  # "a brown sky", "a purple sea"
+    if lexicon.noun_group(noun) in ANIMAL_GROUPS:
+        if lemma not in ANIMAL_COLOURS and lemma in COLOURS:
+            return None
+        keep = {w for w in table.words if w not in COLOURS or w in ANIMAL_COLOURS}
+        return make_table({w.replace(" ", "_"): c - p for w, c, p in zip(table.words, table.cum, (0,) + table.cum)
+                           if w in keep})
+    return table
+
+
+def _person_table(table: Table, word: str, before: str, gendered: bool) -> Table | None:
+    """A person noun's candidates in context: a pronoun fixes the gender ("a girl brushing her teeth"), an age
+    word before it the age ("an old man" -> not "an old boy")."""
+    gender = person_gender(word)
+    words = before.rstrip().rsplit(" ", 1)
+    age = AGE_WORDS.get(words[-1].lower()) if words and words[-1] else None
+    keep = {}
+    for w, c, p in zip(table.words, table.cum, (0,) + table.cum):
+        if gendered and (person_gender(w) not in ("", gender) or w in ("child", "kid")):
+            continue
+        if age is not None and (" " in w or (age and PERSON_TRAITS[w][1] not in (age, "")) or
+                                (not age and PERSON_TRAITS[w][1] == "baby")):
+            continue  # "young" keeps man <-> woman, boy <-> girl; no "old young man"
+        keep[w.replace(" ", "_")] = c - p
+    return make_table(keep)
+
+
+def _gendered(caption: str) -> bool:
+    return _PRONOUN.search(caption) is not None
+
+
+def options(parse: Parse, lexicon: Any, caption: str = "") -> list[Option]:
+    """The elements of `parse` that have at least one candidate, in parse order. `caption` (optional) keeps a
+    person's gender when a pronoun refers to it ("a girl brushing her teeth")."""
     out = []
+    gendered = _gendered(caption) if caption else False
     for role, start, end, lemma, tag, alt_start, alt_lemma in parse.elements:
         table: Table | None
         if role == "P":
             table = PREPOSITION_TABLES.get(lemma)
+            obj, _, head = alt_lemma.partition("|")
+            if table is not None and lemma not in ("with", "without"):
+                if not relation_object_ok(obj, lexicon) or \
+                        (lemma == "on" and head.partition("|")[0] in NON_SPATIAL_ON):
+                    table = None
+                elif lexicon.noun_group(obj) not in UNDER_GROUPS and lemma in _UNDER_OR_SUPPORT or \
+                        lemma in _SUPPORT and head.endswith("|VERB"):
+                    table = _NEXT_TO  # someone sitting on a thing, a pizza on a tray, a bench under a tree
         elif role == "N":
             table = NUMBER_TABLES.get(lemma)
+        elif role == "V":
+            table = _verb_table(lemma, alt_lemma, lexicon, caption[end:end + 12])
+        elif role == "A":
+            table = _attribute_table(lemma, alt_lemma, lexicon)
         else:
-            pos = _WORDNET_POS[role]
-            table = lexicon.table(lemma, pos)
-            if table is None and alt_start >= 0:
-                start, table = alt_start, lexicon.table(alt_lemma, pos)
+            # A compound without a table of its own keeps its root: "home plate" -> "home tray", "wedding cake"
+            # -> "wedding egg", "tennis racket" -> "tennis bat" read wrong more often than not.
+            table = lexicon.table(lemma, "n")
+            if table is not None and caption[end:end + 4] == " of " and \
+                    lexicon.noun_group(lemma) not in CONTAINER_GROUPS:
+                table = None  # "a vase of roses" -> "a mirror of roses": only containers head such a phrase
+            if table is not None and lemma.replace("_", " ") in PERSON_TRAITS:
+                table = _person_table(table, lemma.replace("_", " "), caption[:start], gendered)
         if table is not None:
             out.append((start, end, table, tag, ROLE_KIND[role]))
     return out

@@ -23,7 +23,7 @@ from ..log import warn_once
 from .parse import Parse
 
 FORMAT = "clove-dist-negparse"
-VERSION = 1
+VERSION = 2  # 2: relation objects, verb transitivity and swap owners in the parse
 SUFFIX = ".negparse.jsonl.gz"
 
 
