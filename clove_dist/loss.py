@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch import nn
 
 import clove_kernels
-from clove_kernels.block import block_backward_chunked, block_forward_chunked
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -70,7 +69,7 @@ class ContrastiveLoss(nn.Module):
     """Symmetric image/text contrastive loss with extra negative text columns; see the module docstring."""
 
     def __init__(self, impl: str = "auto", max_logit_scale: float = 100.0, chunk_size: int = 1024,
-                 group: Any = None) -> None:
+                 group: Any = None, allow_tf32: bool = True) -> None:
         super().__init__()
         if impl not in clove_kernels.IMPLS:
             raise ValueError(f"loss impl must be one of {', '.join(clove_kernels.IMPLS)}, got {impl!r}")
@@ -82,11 +81,13 @@ class ContrastiveLoss(nn.Module):
         self.max_logit_scale = float(max_logit_scale)
         self.chunk_size = chunk_size
         self.group = group
+        self.allow_tf32 = bool(allow_tf32)  # fp32 features may use TF32 tensor-core dots (Triton on GPU)
 
     @classmethod
     def from_config(cls, cfg: Any, group: Any = None) -> "ContrastiveLoss":
-        """Build from the `loss` config section (impl, max_logit_scale, chunk_size)."""
-        return cls(impl=cfg.impl, max_logit_scale=cfg.max_logit_scale, chunk_size=cfg.chunk_size, group=group)
+        """Build from the `loss` config section (impl, max_logit_scale, chunk_size, allow_tf32)."""
+        return cls(impl=cfg.impl, max_logit_scale=cfg.max_logit_scale, chunk_size=cfg.chunk_size, group=group,
+                   allow_tf32=cfg.allow_tf32)
 
     def _check(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Any,
                negative_features: torch.Tensor | None, negative_mask: torch.Tensor | None) -> None:
@@ -150,10 +151,11 @@ class ContrastiveLoss(nn.Module):
         else:
             columns, column_mask = texts_all, None
         offset = rank * batch
-        if self._block_path(device):
+        impl = clove_kernels.resolve_impl(self.impl, device)
+        if impl != "reference":
             return _BlockContrastiveLoss.apply(image_features, columns, scale, column_mask, num_texts, offset,
-                                               self.chunk_size, self.group, world)
-        # Two independent directions (reference oracle, and the per-direction Triton kernels): images gathered.
+                                               (impl, self.chunk_size, self.allow_tf32), self.group, world)
+        # The reference: two independent directions on materialised logits, images gathered. The oracle.
         images_all = gather_with_grad(image_features, self.group) if world > 1 else image_features
         targets = torch.arange(batch, device=device) + offset
         loss_i2t = clove_kernels.contrastive_ce(image_features, columns, targets, scale, key_mask=column_mask,
@@ -162,16 +164,14 @@ class ContrastiveLoss(nn.Module):
                                                 impl=self.impl, chunk_size=self.chunk_size, validate=False)
         return (loss_i2t.mean() + loss_t2i.mean()).float() / 2
 
-    def _block_path(self, device: torch.device) -> bool:
-        """Whether this call runs the one-block-per-rank chunked loss (the CPU default and impl="chunked")."""
-        return clove_kernels.resolve_impl(self.impl, device) == "chunked"
-
     def _gather_columns(self, text_features: torch.Tensor, negative_features: torch.Tensor,
                         negative_mask: torch.Tensor, batch: int, rank: int, world: int):
         """T_all [world*B, D], N_all [world*max_n, D] (padding masked) and its mask (None when every gathered
         negative is valid), in rank order. One counts collective and one host sync, then one feature gather."""
         if world == 1:
-            return text_features, negative_features, negative_mask
+            # The one host read of a single-process call: an all-valid mask is dropped, so no tile pays for it.
+            all_valid = negative_mask.shape[0] == 0 or bool(negative_mask.all())
+            return text_features, negative_features, None if all_valid else negative_mask
         device = text_features.device
         num_neg = negative_features.shape[0]
         counts = torch.stack([torch.tensor(batch, device=device), torch.tensor(num_neg, device=device),
@@ -225,22 +225,24 @@ class _BlockContrastiveLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, images: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor,
-                column_mask: torch.Tensor | None, num_texts: int, offset: int, chunk_size: int, group: Any,
+                column_mask: torch.Tensor | None, num_texts: int, offset: int, kernel: tuple, group: Any,
                 world: int) -> torch.Tensor:
         batch = images.shape[0]
+        impl, chunk_size, allow_tf32 = kernel
         targets = torch.arange(batch, device=images.device) + offset
-        stats = block_forward_chunked(images, columns, targets, scale, column_mask, num_texts, chunk_size)
+        stats = clove_kernels.block_forward(images, columns, targets, scale, column_mask, num_texts, impl,
+                                            chunk_size, allow_tf32)
         col_lse = _all_reduce_lse(stats.col_lse, group) if world > 1 else stats.col_lse
         own_col_lse = col_lse[offset:offset + batch]
         loss = (stats.row_lse.mean() + own_col_lse.mean()) / 2 - stats.target_logit.mean()
         ctx.save_for_backward(images, columns, scale, column_mask, targets, stats.row_lse, col_lse)
-        ctx.meta = (chunk_size, group, world)
+        ctx.meta = (kernel, group, world)
         return loss.float()  # the training loss is fp32 whatever the feature dtype
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         images, columns, scale, column_mask, targets, row_lse, col_lse = ctx.saved_tensors
-        chunk_size, group, world = ctx.meta
+        (impl, chunk_size, allow_tf32), group, world = ctx.meta
         need_images, need_columns, need_scale = ctx.needs_input_grad[:3]
         batch = images.shape[0]
         g = grad_loss.detach().to(row_lse.dtype).reshape(1)
@@ -254,8 +256,8 @@ class _BlockContrastiveLoss(torch.autograd.Function):
         grad_row = (g * weight).expand(batch)
         grad_col = (g_all * weight).repeat_interleave(batch)  # [world * B]: text j weighted by its owner
         grad_target = (g * (-2 * weight)).expand(batch)
-        d_images, d_columns, d_scale = block_backward_chunked(
-            images, columns, targets, scale, column_mask, row_lse, col_lse, grad_row, grad_col, grad_target,
-            chunk_size, need_q=need_images, need_k=need_columns)
+        d_images, d_columns, d_scale = clove_kernels.block_backward(
+            images, columns, targets, scale, column_mask, row_lse, col_lse, grad_row, grad_col, grad_target, impl,
+            chunk_size, need_q=need_images, need_k=need_columns, allow_tf32=allow_tf32)
         d_scale = d_scale.to(scale.dtype) if need_scale else None
         return d_images, d_columns, d_scale, None, None, None, None, None, None

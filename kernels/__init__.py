@@ -108,13 +108,13 @@ def contrastive_ce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Ten
     return contrastive_ce_triton(queries, keys, targets, scale, key_mask)
 
 
-BLOCK_IMPLS = ("auto", "chunked", "reference")
+BLOCK_IMPLS = IMPLS
 
 
-def _block_impl(impl: str) -> str:
+def _block_impl(impl: str, device: torch.device) -> str:
     if impl not in BLOCK_IMPLS:
         raise ValueError(f"block impl must be one of {', '.join(BLOCK_IMPLS)}, got {impl!r}")
-    return "chunked" if impl == "auto" else impl
+    return resolve_impl(impl, device)
 
 
 def _check_block(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | float,
@@ -130,24 +130,47 @@ def _check_block(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tenso
 def contrastive_block_forward(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
                               scale: torch.Tensor | float, key_mask: torch.Tensor | None = None,
                               num_col_stats: int = 0, impl: str = "auto",
-                              chunk_size: int = DEFAULT_CHUNK_SIZE) -> BlockStats:
+                              chunk_size: int = DEFAULT_CHUNK_SIZE, allow_tf32: bool = True) -> BlockStats:
     """Statistics of the block S = scale * queries @ keys.T without autograd (see kernels/block.py).
 
     queries [R, D], keys [M, D], targets [R] (row i's positive column), key_mask [M] bool (True = valid).
     Returns BlockStats(row_lse [R], target_logit [R], col_lse [num_col_stats]) in fp32 (fp64 for fp64 inputs);
     col_lse is partial: the log-sum-exp over this block's rows only, for the first num_col_stats columns.
+    allow_tf32: fp32 inputs may use TF32 tensor-core dots (triton on GPU only).
     """
     scale = _check_block(queries, keys, targets, scale, key_mask, num_col_stats)
-    if _block_impl(impl) == "reference":
+    return block_forward(queries, keys, targets, scale, key_mask, num_col_stats,
+                         _block_impl(impl, queries.device), chunk_size, allow_tf32)
+
+
+def block_forward(queries, keys, targets, scale, key_mask, num_col_stats, impl, chunk_size=DEFAULT_CHUNK_SIZE,
+                  allow_tf32=True) -> BlockStats:
+    """contrastive_block_forward without checks, for a resolved impl (chunked | reference | triton)."""
+    if impl == "reference":
         return block_forward_reference(queries, keys, targets, scale, key_mask, num_col_stats)
+    if impl == "triton":
+        from .block_triton import block_forward_triton
+        return block_forward_triton(queries, keys, targets, scale, key_mask, num_col_stats, allow_tf32)
     return block_forward_chunked(queries, keys, targets, scale, key_mask, num_col_stats, chunk_size)
+
+
+def block_backward(queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse, grad_col_lse,
+                   grad_target, impl, chunk_size=DEFAULT_CHUNK_SIZE, need_q=True, need_k=True, allow_tf32=True):
+    """contrastive_block_backward without checks, for a resolved impl (chunked | reference | triton)."""
+    args = (queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse, grad_col_lse, grad_target)
+    if impl == "reference":
+        return block_backward_reference(*args, need_q=need_q, need_k=need_k)
+    if impl == "triton":
+        from .block_triton import block_backward_triton
+        return block_backward_triton(*args, need_q=need_q, need_k=need_k, allow_tf32=allow_tf32)
+    return block_backward_chunked(*args, chunk_size, need_q=need_q, need_k=need_k)
 
 
 def contrastive_block_backward(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
                                scale: torch.Tensor | float, row_lse: torch.Tensor, col_lse: torch.Tensor,
                                grad_row_lse: torch.Tensor, grad_col_lse: torch.Tensor, grad_target: torch.Tensor,
                                key_mask: torch.Tensor | None = None, impl: str = "auto",
-                               chunk_size: int = DEFAULT_CHUNK_SIZE
+                               chunk_size: int = DEFAULT_CHUNK_SIZE, allow_tf32: bool = True
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dqueries, dkeys in the input dtype, dscale) of a loss whose gradients with respect to the
     block's row_lse [R], the full (all-blocks) col_lse [C] and target_logit [R] are the grad_* arguments.
@@ -160,11 +183,8 @@ def contrastive_block_backward(queries: torch.Tensor, keys: torch.Tensor, target
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must have shape ({n},), got {shape}")
-    if _block_impl(impl) == "reference":
-        return block_backward_reference(queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse,
-                                        grad_col_lse, grad_target)
-    return block_backward_chunked(queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse,
-                                  grad_col_lse, grad_target, chunk_size)
+    return block_backward(queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse, grad_col_lse,
+                          grad_target, _block_impl(impl, queries.device), chunk_size, allow_tf32=allow_tf32)
 
 
 __all__ = ["contrastive_ce", "contrastive_block_forward", "contrastive_block_backward", "BlockStats", "BLOCK_IMPLS", "contrastive_ce_reference", "resolve_impl", "triton_unavailable_reason", "IMPLS",

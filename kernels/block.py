@@ -63,6 +63,11 @@ def block_forward_chunked(queries: torch.Tensor, keys: torch.Tensor, targets: to
     row_lse = torch.empty(num_rows, dtype=dtype, device=device)
     target_logit = torch.empty(num_rows, dtype=dtype, device=device)
     col_lse = torch.full((num_col_stats,), float("-inf"), dtype=dtype, device=device)
+    # On CPU one exp pass per tile serves both directions: exp(S - tile max), summed along rows and columns. When
+    # a row or column of the tile then sums below 1e-30 (its terms lie ~69 below the tile max and would lose
+    # precision in fp32) the tile is redone with exact per-row / per-column log-sum-exp. Reading that condition
+    # on the host is free on CPU; elsewhere the exact form always runs.
+    shared_exp = device.type == "cpu"
     for r0 in range(0, num_rows, chunk_size):
         r1 = min(r0 + chunk_size, num_rows)
         q_scaled = q_all[r0:r1] * s  # (rows, D)
@@ -70,10 +75,20 @@ def block_forward_chunked(queries: torch.Tensor, keys: torch.Tensor, targets: to
         for c0 in range(0, num_cols, chunk_size):
             c1 = min(c0 + chunk_size, num_cols)
             logits = _tile(q_scaled, k_all[c0:c1], None if bias is None else bias[:, c0:c1])  # (rows, cols)
+            cs = max(0, min(c1, num_col_stats) - c0)  # stat columns in this tile
+            if shared_exp:
+                peak = logits.max()
+                if bool(torch.isfinite(peak)):
+                    e = torch.sub(logits, peak).exp_()
+                    row_sum, col_sum = e.sum(dim=1), e[:, :cs].sum(dim=0)
+                    if bool(row_sum.min() >= 1e-30) and (cs == 0 or bool(col_sum.min() >= 1e-30)):
+                        running = torch.logaddexp(running, row_sum.log_().add_(peak))
+                        if cs:
+                            col_lse[c0:c0 + cs] = torch.logaddexp(col_lse[c0:c0 + cs], col_sum.log_().add_(peak))
+                        continue
             running = torch.logaddexp(running, torch.logsumexp(logits, dim=1))
-            if c0 < num_col_stats:
-                cs = min(c1, num_col_stats)
-                col_lse[c0:cs] = torch.logaddexp(col_lse[c0:cs], torch.logsumexp(logits[:, :cs - c0], dim=0))
+            if cs:
+                col_lse[c0:c0 + cs] = torch.logaddexp(col_lse[c0:c0 + cs], torch.logsumexp(logits[:, :cs], dim=0))
         row_lse[r0:r1] = running
         target_logit[r0:r1] = (q_scaled * k_all[targets[r0:r1]]).sum(dim=1)
     return BlockStats(row_lse, target_logit, col_lse)
@@ -97,22 +112,43 @@ def block_backward_chunked(queries: torch.Tensor, keys: torch.Tensor, targets: t
     dq_all = torch.empty_like(q_all) if need_q else None  # (R, D)
     dk_all = torch.zeros_like(k_all) if need_k else None  # (M, D), unscaled until the end
     ds = torch.zeros((), dtype=dtype, device=queries.device)
+    # Positive weights (any loss whose upstream gradient is > 0) fold into the exponents:
+    # a_i exp(S - r_i) = exp(S + log a_i - r_i), and the row term is added by the tile's matmul itself.
+    # Checked on the host, so only on CPU (free there); elsewhere the weights multiply the tiles.
+    fold = queries.device.type == "cpu" and bool((a_all > 0).all()) and bool((b_all >= 0).all())
+    if fold:
+        row_bias_all = a_all.log() - row_lse.to(dtype)  # [R]
+        col_bias_all = b_all.log() + neg_col_lse  # [C]
     for r0 in range(0, num_rows, chunk_size):
         r1 = min(r0 + chunk_size, num_rows)
         q = q_all[r0:r1]
         q_scaled = q * s
-        neg_row_lse = -row_lse[r0:r1, None].to(dtype)  # (rows, 1)
-        a = a_all[r0:r1, None]
         soft_keys = torch.zeros_like(q)  # dS @ K for this row block, (rows, D)
+        if fold:
+            row_bias = row_bias_all[r0:r1, None]  # (rows, 1)
+        else:
+            neg_row_lse = -row_lse[r0:r1, None].to(dtype)  # (rows, 1)
+            a = a_all[r0:r1, None]
         for c0 in range(0, num_cols, chunk_size):
             c1 = min(c0 + chunk_size, num_cols)
             k = k_all[c0:c1]
-            logits = _tile(q_scaled, k, None if bias is None else bias[:, c0:c1])  # (rows, cols)
-            dlogits = torch.add(logits, neg_row_lse).exp_().mul_(a)  # a_i * row softmax; 0 on masked columns
-            if c0 < num_col_stats:
-                cs = min(c1, num_col_stats) - c0
-                col = logits[:, :cs].add_(neg_col_lse[None, c0:c0 + cs]).exp_()  # column softmax, in place
-                dlogits[:, :cs].addcmul_(col, b_all[None, c0:c0 + cs])
+            cs = max(0, min(c1, num_col_stats) - c0)
+            if fold:
+                dlogits = torch.addmm(row_bias, q_scaled, k.T)  # (rows, cols): S + log a - row_lse
+                if bias is not None:
+                    dlogits.add_(bias[:, c0:c1])  # -inf on masked columns
+                col = None
+                if cs:
+                    col = torch.sub(dlogits[:, :cs], row_bias).add_(col_bias_all[None, c0:c0 + cs]).exp_()
+                dlogits.exp_()
+                if col is not None:
+                    dlogits[:, :cs].add_(col)
+            else:
+                logits = _tile(q_scaled, k, None if bias is None else bias[:, c0:c1])  # (rows, cols)
+                dlogits = torch.add(logits, neg_row_lse).exp_().mul_(a)  # a_i * row softmax; 0 on masked
+                if cs:
+                    col = logits[:, :cs].add_(neg_col_lse[None, c0:c0 + cs]).exp_()  # column softmax, in place
+                    dlogits[:, :cs].addcmul_(col, b_all[None, c0:c0 + cs])
             soft_keys.addmm_(dlogits, k)
             if need_k:
                 dk_all[c0:c1].addmm_(dlogits.T, q)

@@ -23,7 +23,7 @@ def unit(num, dim, seed, dtype=torch.float64):
     return F.normalize(torch.randn(num, dim, generator=gen, dtype=torch.float64), dim=1).to(dtype)
 
 
-def make_case(rows, cols, dim, num_stats, masked, seed=0):
+def make_case(rows, cols, dim, num_stats, masked, seed=0, positive=False):
     q, k = unit(rows, dim, seed), unit(cols, dim, seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     targets = torch.randperm(num_stats, generator=gen)[:rows]  # a one-to-one pairing into the stat columns
@@ -36,6 +36,8 @@ def make_case(rows, cols, dim, num_stats, masked, seed=0):
     a = torch.rand(rows, generator=gen, dtype=torch.float64) - 0.2  # signs of both kinds on purpose
     b = torch.rand(num_stats, generator=gen, dtype=torch.float64) - 0.2
     c = torch.rand(rows, generator=gen, dtype=torch.float64) - 0.5
+    if positive:  # what a loss with a positive upstream gradient hands in (the CPU path folds these into exp)
+        a, b = a.abs() + 0.01, b.abs()
     return q, k, targets, mask, extra, a, b, c
 
 
@@ -61,9 +63,10 @@ SHAPES = [(1, 1, 3, 1), (5, 9, 4, 7), (17, 43, 16, 20), (31, 100, 24, 31)]  # ro
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
-def test_block_matches_autograd_oracle_fp64(impl, shape, masked, scale):
+@pytest.mark.parametrize("positive", [False, True])
+def test_block_matches_autograd_oracle_fp64(impl, shape, masked, scale, positive):
     rows, cols, dim, num_stats = shape
-    q, k, targets, mask, extra, a, b, c = make_case(rows, cols, dim, num_stats, masked)
+    q, k, targets, mask, extra, a, b, c = make_case(rows, cols, dim, num_stats, masked, positive=positive)
     (row_lse, target, partial, col_lse), (dq, dk, ds) = oracle(q, k, targets, scale, mask, num_stats, extra, a, b, c)
     stats = clove_kernels.contrastive_block_forward(q, k, targets, torch.tensor(scale, dtype=torch.float64), mask,
                                                     num_stats, impl=impl, chunk_size=7)
@@ -80,9 +83,26 @@ def test_block_matches_autograd_oracle_fp64(impl, shape, masked, scale):
         assert float(got[1][~mask].abs().sum()) == 0.0  # masked columns get no gradient
 
 
+def test_shared_exp_falls_back_when_terms_would_underflow():
+    """One tile holding logits 200 apart (scale 100, opposite vectors): rows far below the tile max must still get
+    their exact LSE (the one-exp fast path would lose them), against the fp64 oracle."""
+    q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float32)
+    k = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float32)
+    targets = torch.tensor([0, 1, 2])
+    s = torch.tensor(100.0)
+    stats = clove_kernels.contrastive_block_forward(q, k, targets, s, None, 3, chunk_size=8)
+    want = clove_kernels.contrastive_block_forward(q.double(), k.double(), targets, s.double(), None, 3,
+                                                   impl="reference")
+    # fp32 logits of size 100: a few ulps of 100.
+    torch.testing.assert_close(stats.row_lse.double(), want.row_lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(stats.col_lse.double(), want.col_lse, rtol=1e-6, atol=1e-5)
+    assert bool(torch.isfinite(stats.row_lse).all())
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 64])
-def test_block_any_chunk_size(chunk_size):
-    q, k, targets, mask, extra, a, b, c = make_case(9, 21, 8, 9, True, seed=3)
+@pytest.mark.parametrize("positive", [False, True])
+def test_block_any_chunk_size(chunk_size, positive):
+    q, k, targets, mask, extra, a, b, c = make_case(9, 21, 8, 9, True, seed=3, positive=positive)
     want = oracle(q, k, targets, 30.0, mask, 9, extra, a, b, c)
     s = torch.tensor(30.0, dtype=torch.float64)
     stats = clove_kernels.contrastive_block_forward(q, k, targets, s, mask, 9, chunk_size=chunk_size)
@@ -130,4 +150,4 @@ def test_block_bad_inputs_raise_value_error():
         clove_kernels.contrastive_block_backward(q, k, targets, 1.0, torch.zeros(4), torch.zeros(4), torch.zeros(3),
                                                  torch.zeros(4), torch.zeros(4), key_mask=mask)
     with pytest.raises(ValueError, match="block impl must be one of"):
-        clove_kernels.contrastive_block_forward(q, k, targets, 1.0, mask, 4, impl="triton")
+        clove_kernels.contrastive_block_forward(q, k, targets, 1.0, mask, 4, impl="bogus")
