@@ -3,18 +3,34 @@
     loss_fn = ContrastiveLoss(impl="auto", max_logit_scale=100.0, chunk_size=1024)
     loss = loss_fn(image_features, text_features, model.logit_scale, negative_features, negative_mask)
 
-Per rank r, with local I_r [B, D], T_r [B, D], N_r [n_r, D] (L2-normalised) and s = min(exp(logit_scale), 100):
+Per rank r, with local I_r [B, D], T_r [B, D], N_r [n_r, D] (L2-normalised; fp32, bf16 or fp16) and
+s = min(exp(logit_scale), 100):
 
-- I_all, T_all, N_all are gathered across ranks in rank order, with gradient. Negative counts may differ between
-  ranks: each rank pads to the largest count and the padding is masked out of the softmax (it adds no exp(0) term).
+- T_all and N_all are gathered across ranks in rank order, with gradient, in ONE gather of [T_r; N_r]. Negative
+  counts may differ between ranks: each rank pads to the largest count (a rank with None or 0 negatives sends only
+  padding) and the padding is masked out of the softmax (it adds no exp(0) term).
 - image -> text: each local image is a row over the columns [T_all ; N_all]; its target is its own positive text.
-- text -> image: each local positive text is a row over I_all; its target is its own image. Negatives are never rows.
-- loss_r = (mean_i CE_i2t + mean_j CE_t2i) / 2.
+- text -> image: each positive text is a column over all ranks' images; its target is its own image. Negatives
+  are never rows.
+- loss_r = (mean_i CE_i2t + mean_j CE_t2i) / 2, over this rank's images and texts.
 
-Gradients. The gather's backward sums the feature gradients of all ranks and keeps this rank's slice, so after the
-engine averages parameter gradients over ranks they equal the gradients of mean_r loss_r, i.e. of a single process
-on the concatenated batch. logit_scale is used only locally (never gathered, never all-reduced), so the engine's
-averaging counts it exactly once. With one rank and no negatives this equals open_clip's ClipLoss.
+How (impl chunked or triton; DESIGN.md "one block per rank"): rank r computes only S_r = s I_r [T_all; N_all]^T.
+Its rows give the image -> text LSE; the same tiles give every text column's partial LSE over I_r, combined across
+ranks by two all-reduces of one float per text (max, then the rescaled sum). Images are never gathered. Backward:
+rank r forms the gradient of sum_q loss_q with respect to its block (column terms weighted by each text owner's
+upstream gradient, all-gathered: one float per rank) and the gather's backward reduce-scatters the text/negative
+gradients to their owners. impl="reference" keeps the plain two-direction form on materialised logits (images
+gathered): it is the oracle.
+
+Collectives: every rank issues the same ones in forward and backward whatever its negatives: one all_gather of
+(batch, count, valid count) -- the only device -> host read of a multi-rank call --, the [T; N] gather, the mask
+gather when some negative is masked, the two statistic all-reduces; in backward the upstream-gradient all_gather
+and the gather's reduce-scatter. A single-process call reads one value (whether the mask is all valid).
+
+Gradients. After the engine averages parameter gradients over ranks they equal the gradients of mean_r loss_r,
+i.e. of a single process on the concatenated batch. logit_scale is used only locally (never gathered, never
+all-reduced), so the engine's averaging counts it exactly once. With one rank and no negatives this equals
+open_clip's ClipLoss.
 
 This module imports only torch and clove_kernels: no DeepSpeed, data or training code.
 """
