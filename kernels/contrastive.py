@@ -29,6 +29,8 @@ Limitations
     low-precision dots with fp32 accumulation, and dlogit is rounded to the input dtype for the gradient dots,
     as flash-attention does.
   - fp64 inputs are computed in fp32.
+  - Offsets are int32: shapes whose row x stride reaches 2^31 are refused with a ValueError. The block kernels
+    (block_triton.py, what ContrastiveLoss runs) use int64 offsets.
   - Under TRITON_INTERPRET=1 (CPU) every tile is upcast to fp32 before tl.dot: the interpreter's bf16 dot returns
     garbage in triton 3.8. The interpreter is for correctness tests only; it is orders of magnitude slower.
 """
@@ -232,6 +234,12 @@ def _prepare(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, s
     assert queries.dtype in (torch.float32, torch.bfloat16, torch.float16), queries.dtype
     assert queries.dtype == keys.dtype and queries.device == keys.device
     assert queries.shape[1] == keys.shape[1] and targets.shape[0] == queries.shape[0]
+    # These kernels index with int32 offsets (row * stride): refuse shapes that would wrap rather than read garbage.
+    span = max(queries.shape[0] * queries.stride(0), keys.shape[0] * keys.stride(0),
+               queries.shape[1] * max(queries.stride(1), keys.stride(1)))
+    if span >= 2**31:
+        raise ValueError(f"per-direction Triton kernels index with int32 offsets: shapes {tuple(queries.shape)} x "
+                         f"{tuple(keys.shape)} would wrap; use the block API (int64 offsets) or impl='chunked'")
     targets = targets.to(torch.int64).contiguous()
     scale32 = scale.detach().to(torch.float32).reshape(1).contiguous()
     mask_i8 = None if key_mask is None else key_mask.to(torch.int8).contiguous()
