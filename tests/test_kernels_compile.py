@@ -60,3 +60,24 @@ def test_shipped_low_precision_configs_use_the_hardware(kernels):
     bad = [f"{r['kernel']} {r['dtype']} {r['arch']} {r['config']}: {r['problems'] or r['status']}"
            for r in rows if r["problems"] or r["status"] != "ok"]
     assert not bad, "\n".join(bad)
+
+
+CHILD_BAD = r"""
+import json, triton
+from clove_kernels import compile_report as cr
+k = cr.shipped_kernels()["ce_bwd_dq"]
+big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2)
+rows = [cr.compile_one("ce_bwd_dq", k, "bf16", big, 80), cr.compile_one("ce_bwd_dq", k, "fp32", k.configs[0], 90)]
+print(json.dumps([cr.as_dict(r) for r in rows]))
+"""
+
+
+def test_the_check_catches_spills_and_fma_dots():
+    """The check can fail: a config this project dropped for spilling (4 warps, D slices of 64: ~680 B of spills
+    on sm_80) and an IEEE fp32 dot (FMA loops) are both reported as problems."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", CHILD_BAD], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    spilling, fma = json.loads(out.stdout.strip().splitlines()[-1])
+    assert spilling["spill_stores"] > 0 and "spills" in spilling["problems"]
+    assert fma["tensor_core_dots"] == 0 and "not on tensor cores" in fma["problems"]
