@@ -251,6 +251,36 @@ def _block_bwd_dk_kernel(
 
 # --- host side -------------------------------------------------------------------------------------------------------
 
+def agree_on_autotune(kernel, known_keys: set) -> None:
+    """After a launch that may have autotuned: make every rank use rank 0's choice for the keys it just tuned.
+
+    Each rank times configs on its own GPU and could pick another one, so ranks would run different kernels (and
+    sum in different orders). Keys depend only on shapes that are equal on every rank of ContrastiveLoss (B, the
+    gathered column count, D, dtype, the global mask flag), so every rank tunes the same new keys at the same call
+    and can take part in one broadcast of config indices. Nothing happens for known keys, a single config, or
+    without torch.distributed. The first call with a new key may still have run each rank's own pick."""
+    dist = torch.distributed
+    new = sorted((k for k in kernel.cache if k not in known_keys), key=repr)
+    if not new or len(kernel.configs) < 2 or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() == 1:
+        return
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    index = [next((i for i, c in enumerate(kernel.configs) if c is kernel.cache[k]), 0) for k in new]
+    choice = torch.tensor(index, dtype=torch.int64, device=device)
+    dist.broadcast(choice, src=0)
+    for key, i in zip(new, choice.tolist()):
+        kernel.cache[key] = kernel.configs[i]
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    known = set(getattr(kernel, "cache", {}))
+    kernel[grid](*args, **kwargs)
+    if hasattr(kernel, "cache"):
+        agree_on_autotune(kernel, known)
+
+
 def _bucket(n: int) -> int:
     """Autotune key of a size: its power of two (at least 1024), so 8 rows and 64k rows tune separately."""
     return max(1024, triton.next_power_of_2(max(n, 1)))
@@ -307,7 +337,7 @@ def block_forward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: tor
     col_m = torch.full((groups, num_col_stats), -1.0e30, **f32)
     col_l = torch.zeros((groups, num_col_stats), **f32)
     if num_rows and num_cols:
-        _block_fwd_kernel[(groups, splits)](
+        _launch(_block_fwd_kernel, (groups, splits),
             q, k, tgt, mask_arg, s, row_m, row_l, target, col_m, col_l,
             num_rows, num_cols, dim, num_col_stats, rows_per_group, cols_per_split,
             _bucket(num_rows), _bucket(num_cols),
@@ -343,7 +373,7 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
         splits = triton.cdiv(num_cols, cols_per_split)
         dq_part = torch.zeros((splits, num_rows, dim), dtype=torch.float32, device=device)
         ds_part = torch.zeros((splits, num_rows), dtype=torch.float32, device=device)
-        _block_bwd_dq_kernel[(row_blocks, splits)](
+        _launch(_block_bwd_dq_kernel, (row_blocks, splits),
             q, k, tgt, mask_arg, s, row_lse, a, c, col_lse, b, dq_part, ds_part,
             num_rows, num_cols, dim, num_col_stats, cols_per_split, *buckets,
             q.stride(0), k.stride(0),
@@ -358,7 +388,7 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
             rows_per_split = triton.cdiv(row_blocks, splits) * BLOCK_M
             splits = triton.cdiv(num_rows, rows_per_split)
             dk_part = torch.zeros((splits, num_cols, dim), dtype=torch.float32, device=device)
-            _block_bwd_dk_kernel[(col_blocks, splits)](
+            _launch(_block_bwd_dk_kernel, (col_blocks, splits),
                 q, k, tgt, mask_arg, s, row_lse, a, c, col_lse, b, dk_part,
                 num_rows, num_cols, dim, num_col_stats, rows_per_split, *buckets,
                 q.stride(0), k.stride(0),

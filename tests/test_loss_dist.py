@@ -199,3 +199,39 @@ def test_every_rank_issues_the_same_collectives(rank_results, name):
 def test_unequal_batch_sizes_are_a_clear_error(rank_results):
     for r in rank_results[2]:
         assert r["unequal_batch"] == "every rank must have the same batch size, got [3, 4] (rank order)"
+
+
+def _autotune_worker(rank, port, out_path):
+    from clove_kernels.block_triton import agree_on_autotune
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        class Tuned:  # the two attributes of triton's Autotuner the agreement reads and writes
+            configs = ["cfg_a", "cfg_b", "cfg_c"]
+            cache = {("old", 1): "cfg_a"}
+
+        kernel = Tuned()
+        known = set(kernel.cache)
+        # Each rank "timed" the configs and picked differently for the same two new keys.
+        kernel.cache[("R", 4096)] = kernel.configs[2 if rank == 0 else 0]
+        kernel.cache[("R", 8192)] = kernel.configs[1 if rank == 0 else 2]
+        agree_on_autotune(kernel, known)
+        torch.save(dict(kernel.cache), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_runs_rank0s_autotune_choice(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    paths = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [ctx.Process(target=_autotune_worker, args=(r, port, str(paths[r]))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    caches = [torch.load(p) for p in paths]
+    want = {("old", 1): "cfg_a", ("R", 4096): "cfg_c", ("R", 8192): "cfg_b"}
+    assert caches[0] == want and caches[1] == want
