@@ -1,10 +1,10 @@
 """Contrastive loss with hard negatives: time (forward, backward, both) and peak memory per provider and size.
 
     python benchmarks/bench_loss.py                                  # quick CPU run (a few minutes)
-    python benchmarks/bench_loss.py --batch 16384 --neg-ratio 1 --dim 512 --providers reference chunked \\
-        --modes full --repeat 3 --warmup 0                           # the CPU target case
-    python benchmarks/bench_loss.py --device cuda --dtype bf16 \\
-        --batch 1024 4096 16384 32768 65536 --neg-ratio 0 1 --dim 512 768 1024   # on a GPU node
+    python benchmarks/bench_loss.py --batch 8192 --neg-ratio 1 --dim 512 --providers reference chunked gemm \\
+        --modes full --repeat 5 --tag _symmetric                    # the CPU target case (loss_cpu_symmetric.md)
+    clove-dist bench loss --device cuda                              # on a GPU node: bf16, R = M in 4k..64k,
+                                                                     # D in 512/768/1024, every provider
 
 What is measured: the whole CLoVe loss of one rank, `ContrastiveLoss(image, text, logit_scale, negatives)` (image
 -> text rows over [T; N], text -> image rows over I), with R = local batch, N = R * neg_ratio negatives, D the
@@ -13,6 +13,8 @@ feature width. Providers:
   open_clip  what open_clip's ClipLoss does (two logits matmuls + F.cross_entropy), with negative text columns
   chunked    pure-torch tiles with online LSE (impl="chunked", --chunk-size)
   triton     the fused Triton kernels (impl="triton"); on CPU only in the interpreter, at --triton-cpu-batch
+  gemm       the bare products of the one-block structure, torch.matmul on materialised S: I C^T (forward and
+             recompute), dS C and dS^T I with C = [T; N]: the hardware limit for this work (4 R x M x D products)
 
 Every case runs in a fresh subprocess, so peak memory is the loss's own: on CPU the growth of peak RSS
 (VmHWM, reset through /proc/self/clear_refs) over the resident size once the inputs exist; on CUDA torch.cuda.max_memory_allocated over
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import RESULTS_DIR, append_csv, context_header, machine_context, markdown_table, time_percentiles  # noqa
 
-PROVIDERS = ("reference", "open_clip", "chunked", "triton")
+PROVIDERS = ("reference", "open_clip", "chunked", "triton", "gemm")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -75,6 +77,26 @@ def _open_clip_style(image, text, logit_scale, negatives, max_logit_scale=100.0)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def _bare_gemms():
+    """An autograd op whose forward is S = I C^T and whose backward recomputes S and forms S C and S^T I (S stands
+    in for dS): the four products of the one-block loss, with nothing else."""
+    import torch
+
+    class BareGemms(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, rows, columns):
+            ctx.save_for_backward(rows, columns)
+            return (rows @ columns.T).sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            rows, columns = ctx.saved_tensors
+            logits = rows @ columns.T  # (R, M)
+            return logits @ columns, logits.T @ rows
+
+    return BareGemms
+
+
 def run_case(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
@@ -93,7 +115,13 @@ def run_case(args: argparse.Namespace) -> dict:
     image, text = features(args.batch), features(args.batch)
     negatives = features(args.num_neg) if args.num_neg else None
     logit_scale = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)
-    if args.provider == "open_clip":
+    if args.provider == "gemm":
+        bare = _bare_gemms()
+        columns = torch.cat([text, negatives]).detach() if negatives is not None else text.detach()
+
+        def loss_fn(rows, *_):
+            return bare.apply(rows, columns)
+    elif args.provider == "open_clip":
         loss_fn = _open_clip_style
     else:
         loss_fn = ContrastiveLoss(impl=args.provider, chunk_size=args.chunk_size)
@@ -141,7 +169,16 @@ def run_case(args: argparse.Namespace) -> dict:
                                            repeat=args.repeat, sync=sync)
         del loss
     if "full" in args.modes:
-        out["full"] = time_percentiles(full, warmup=args.warmup, repeat=args.repeat, sync=sync)
+        cpu_times = []
+
+        def timed_full():
+            t0 = time.process_time()
+            full()
+            cpu_times.append((time.process_time() - t0) * 1e3)
+        out["full"] = time_percentiles(timed_full, warmup=args.warmup, repeat=args.repeat, sync=sync)
+        if not cuda:
+            # Process CPU time: on a shared machine wall time also counts the time other processes held the core.
+            out["full_cpu_ms"] = sorted(cpu_times[args.warmup:])[len(cpu_times[args.warmup:]) // 2]
     return out
 
 
@@ -201,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--batch", type=int, nargs="+", default=[1024, 4096], help="local batch sizes R")
-    p.add_argument("--neg-ratio", type=float, nargs="+", default=[0.0, 1.0], help="negatives N = R * ratio")
-    p.add_argument("--dim", type=int, nargs="+", default=[512], help="feature widths D")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="local batch sizes R (default 1024 4096 on CPU; 4096 .. 65536 on CUDA)")
+    p.add_argument("--neg-ratio", type=float, nargs="+", default=None,
+                   help="negatives N = R * ratio (default 0 1 on CPU; 0 on CUDA, so that M = R)")
+    p.add_argument("--dim", type=int, nargs="+", default=None, help="feature widths D (default 512; CUDA 512 768 1024)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--chunk-size", type=int, default=1024)
@@ -228,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    cuda_run = args.device == "cuda"
+    args.batch = args.batch or ([4096, 8192, 16384, 32768, 65536] if cuda_run else [1024, 4096])
+    args.neg_ratio = args.neg_ratio or ([0.0] if cuda_run else [0.0, 1.0])
+    args.dim = args.dim or ([512, 768, 1024] if cuda_run else [512])
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
     if args.device == "cuda":
@@ -267,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
                              status=result["status"]))
             entry[f"{mode}_p50_ms"] = timing.get("p50_ms")
             entry[f"{mode}_p20_p80_ms"] = (f"{timing['p20_ms']:.4g}-{timing['p80_ms']:.4g}" if timing else None)
+        if entry.get("full_p50_ms"):
+            # The useful work of the one-block loss: 4 products of R x M x D (forward, recompute, dQ, dK).
+            work = 8 * case["batch"] * (case["batch"] + case["num_neg"]) * case["dim"]
+            entry["full_tflops"] = work / (entry["full_p50_ms"] * 1e-3) / 1e12
+            rows[-1]["tflops"] = entry["full_tflops"]
+        if "full" in args.modes and args.device == "cpu":
+            entry["full_cpu_p50_ms"] = result.get("full_cpu_ms")
+            rows[-1]["cpu_p50_ms"] = result.get("full_cpu_ms")
         table.append(entry)
 
     stem = f"loss_{args.device}{args.tag}"
@@ -283,15 +334,20 @@ def ratios(table: list[dict]) -> list[str]:
     lines = []
     by_key = {(e["provider"], e["R"], e["N"], e["D"]): e for e in table if e["status"] == "ok"}
     for (provider, r, n, d), e in sorted(by_key.items(), key=lambda kv: kv[0][1:]):
+        gemm = by_key.get(("gemm", r, n, d))
+        if provider in ("chunked", "triton") and gemm and e.get("full_p50_ms") and gemm.get("full_p50_ms"):
+            lines.append(f"- {provider} / bare GEMMs at R={r}, N={n}, D={d}: full "
+                         f"{e['full_p50_ms'] / gemm['full_p50_ms']:.2f}x")
         ref = by_key.get(("reference", r, n, d))
         if provider == "reference" or ref is None:
             continue
         parts = []
         if e.get("peak_mib") and ref.get("peak_mib"):
             parts.append(f"peak memory {e['peak_mib'] / ref['peak_mib']:.3f}x")
-        for mode in ("forward", "backward", "full"):
+        for mode in ("forward", "backward", "full", "full_cpu"):
             if e.get(f"{mode}_p50_ms") and ref.get(f"{mode}_p50_ms"):
-                parts.append(f"{mode} {e[f'{mode}_p50_ms'] / ref[f'{mode}_p50_ms']:.2f}x")
+                label = "full (process CPU time)" if mode == "full_cpu" else mode
+                parts.append(f"{label} {e[f'{mode}_p50_ms'] / ref[f'{mode}_p50_ms']:.2f}x")
         if parts:
             lines.append(f"- {provider} / reference at R={r}, N={n}, D={d}: " + ", ".join(parts))
     return lines
@@ -299,13 +355,21 @@ def ratios(table: list[dict]) -> list[str]:
 
 def render_markdown(ctx: dict, args: argparse.Namespace, table: list[dict]) -> str:
     columns = ["provider", "R", "N", "D", "peak_mib"] + [f"{m}_p50_ms" for m in args.modes] + \
-              [f"{m}_p20_p80_ms" for m in args.modes] + ["status"]
+              [f"{m}_p20_p80_ms" for m in args.modes] + \
+              (["full_cpu_p50_ms"] if args.device == "cpu" and "full" in args.modes else []) + \
+              (["full_tflops"] if "full" in args.modes else []) + ["status"]
     text = [f"# Contrastive loss benchmark ({args.device}, {args.dtype})", "", context_header(ctx), "",
             f"Whole CLoVe loss of one rank (image->text over [T; N], text->image over I), forward + backward; "
             f"chunk size {args.chunk_size}; {args.threads or 'default'} CPU thread(s); {args.repeat} timed runs "
             f"after {args.warmup} warm-up; peak memory is "
-            f"the loss's own ({'peak RSS growth' if args.device == 'cpu' else 'max_memory_allocated growth'}).", "",
-            markdown_table(table, columns), "", "Ratios (same run):", ""]
+            f"the loss's own ({'peak RSS growth' if args.device == 'cpu' else 'max_memory_allocated growth'})."
+            + (" full_cpu is the process CPU time of a full step (median): on a shared machine it is steadier than "
+               "wall time, which also counts time other processes held the core." if args.device == "cpu" else ""),
+            "",
+            markdown_table(table, columns), "",
+            "full_tflops: 8 R (R + N) D / full time, the useful work of the one-block loss (4 products) for every "
+            "provider, so it compares providers on the same work. gemm: those 4 products alone (torch.matmul).", "",
+            "Ratios (same run):", ""]
     text += ratios(table) or ["- none (reference did not run next to another provider)"]
     if args.device == "cpu":
         text += ["", "Triton rows on CPU run in Triton's interpreter: they show that the kernels run, their times "

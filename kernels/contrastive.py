@@ -29,6 +29,8 @@ Limitations
     low-precision dots with fp32 accumulation, and dlogit is rounded to the input dtype for the gradient dots,
     as flash-attention does.
   - fp64 inputs are computed in fp32.
+  - Offsets are int32: shapes whose row x stride reaches 2^31 are refused with a ValueError. The block kernels
+    (block_triton.py, what ContrastiveLoss runs) use int64 offsets.
   - Under TRITON_INTERPRET=1 (CPU) every tile is upcast to fp32 before tl.dot: the interpreter's bf16 dot returns
     garbage in triton 3.8. The interpreter is for correctness tests only; it is orders of magnitude slower.
 """
@@ -57,13 +59,10 @@ def _autotune_configs() -> list[triton.Config]:
     """Tile shapes to try; on the CPU interpreter one small config (there is nothing to tune there)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=1, num_stages=1)]
-    configs = []
-    for block_m, block_n in ((64, 64), (128, 64), (64, 128), (128, 128)):
-        for block_d in (32, 64):
-            for num_stages in (2, 3):
-                num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-                configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d},
-                                             num_warps=num_warps, num_stages=num_stages))
+    # 64 x 64 tiles, 8 warps, D in slices of 32: every other shape tried spills registers for bf16/fp16 on sm_80
+    # or sm_90a (benchmarks/results/kernels_compile.md), which tests/test_kernels_compile.py forbids.
+    configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=num_stages)
+               for num_stages in (2, 3)]
     return configs
 
 
@@ -235,6 +234,12 @@ def _prepare(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, s
     assert queries.dtype in (torch.float32, torch.bfloat16, torch.float16), queries.dtype
     assert queries.dtype == keys.dtype and queries.device == keys.device
     assert queries.shape[1] == keys.shape[1] and targets.shape[0] == queries.shape[0]
+    # These kernels index with int32 offsets (row * stride): refuse shapes that would wrap rather than read garbage.
+    span = max(queries.shape[0] * queries.stride(0), keys.shape[0] * keys.stride(0),
+               queries.shape[1] * max(queries.stride(1), keys.stride(1)))
+    if span >= 2**31:
+        raise ValueError(f"per-direction Triton kernels index with int32 offsets: shapes {tuple(queries.shape)} x "
+                         f"{tuple(keys.shape)} would wrap; use the block API (int64 offsets) or impl='chunked'")
     targets = targets.to(torch.int64).contiguous()
     scale32 = scale.detach().to(torch.float32).reshape(1).contiguous()
     mask_i8 = None if key_mask is None else key_mask.to(torch.int8).contiguous()

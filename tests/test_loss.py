@@ -167,3 +167,29 @@ def test_bad_inputs_raise_value_error(call, message):
 def test_bad_construction_raises_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ContrastiveLoss(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_at_most_one_host_sync_per_call_on_cuda(impl):
+    """Forward + backward of one loss call on CUDA reads at most one value back to the host (the mask check)."""
+    import warnings
+    device = torch.device("cuda")
+    images, texts = features(300, 64, 0).to(device, torch.bfloat16), features(300, 64, 1).to(device, torch.bfloat16)
+    negatives = features(200, 64, 2).to(device, torch.bfloat16)
+    mask = (torch.arange(200, device=device) % 3) != 0
+    loss_fn = ContrastiveLoss(impl=impl)
+    leaves = [t.requires_grad_(True) for t in (images, texts, negatives)]
+    logit_scale = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)
+    loss_fn(leaves[0], leaves[1], logit_scale, leaves[2], mask).backward()  # autotuning and caches first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss_fn(leaves[0], leaves[1], logit_scale, leaves[2], mask).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]
+    assert leaves[0].grad.dtype == torch.bfloat16  # gradients come back in the feature dtype
