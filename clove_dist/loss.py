@@ -98,6 +98,9 @@ class ContrastiveLoss(nn.Module):
         self.chunk_size = chunk_size
         self.group = group
         self.allow_tf32 = bool(allow_tf32)  # fp32 features may use TF32 tensor-core dots (Triton on GPU)
+        # This rank's image->text and text->image losses of the last call (detached tensors, read without a
+        # host sync until someone logs them): {"i2t": ..., "t2i": ...}
+        self.last_directions: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, group: Any = None) -> "ContrastiveLoss":
@@ -170,7 +173,8 @@ class ContrastiveLoss(nn.Module):
         impl = clove_kernels.resolve_impl(self.impl, device)
         if impl != "reference":
             return _BlockContrastiveLoss.apply(image_features, columns, scale, column_mask, num_texts, offset,
-                                               (impl, self.chunk_size, self.allow_tf32), self.group, world)
+                                               (impl, self.chunk_size, self.allow_tf32), self.group, world,
+                                               self.last_directions)
         # The reference: two independent directions on materialised logits, images gathered. The oracle.
         images_all = gather_with_grad(image_features, self.group) if world > 1 else image_features
         targets = torch.arange(batch, device=device) + offset
@@ -178,6 +182,7 @@ class ContrastiveLoss(nn.Module):
                                                 impl=self.impl, chunk_size=self.chunk_size, validate=False)
         loss_t2i = clove_kernels.contrastive_ce(text_features, images_all, targets, scale,
                                                 impl=self.impl, chunk_size=self.chunk_size, validate=False)
+        self.last_directions.update(i2t=loss_i2t.detach().mean().float(), t2i=loss_t2i.detach().mean().float())
         return (loss_i2t.mean() + loss_t2i.mean()).float() / 2
 
     def _gather_columns(self, text_features: torch.Tensor, negative_features: torch.Tensor,
@@ -242,7 +247,7 @@ class _BlockContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor,
                 column_mask: torch.Tensor | None, num_texts: int, offset: int, kernel: tuple, group: Any,
-                world: int) -> torch.Tensor:
+                world: int, directions: dict) -> torch.Tensor:
         batch = images.shape[0]
         impl, chunk_size, allow_tf32 = kernel
         targets = torch.arange(batch, device=images.device) + offset
@@ -250,7 +255,10 @@ class _BlockContrastiveLoss(torch.autograd.Function):
                                             chunk_size, allow_tf32)
         col_lse = _all_reduce_lse(stats.col_lse, group) if world > 1 else stats.col_lse
         own_col_lse = col_lse[offset:offset + batch]
-        loss = (stats.row_lse.mean() + own_col_lse.mean()) / 2 - stats.target_logit.mean()
+        target = stats.target_logit.mean()
+        directions.update(i2t=(stats.row_lse.mean() - target).detach().float(),
+                          t2i=(own_col_lse.mean() - target).detach().float())
+        loss = (stats.row_lse.mean() + own_col_lse.mean()) / 2 - target
         ctx.save_for_backward(images, columns, scale, column_mask, targets, stats.row_lse, col_lse)
         ctx.meta = (kernel, group, world)
         return loss.float()  # the training loss is fp32 whatever the feature dtype
@@ -276,4 +284,4 @@ class _BlockContrastiveLoss(torch.autograd.Function):
             images, columns, targets, scale, column_mask, row_lse, col_lse, grad_row, grad_col, grad_target, impl,
             chunk_size, need_q=need_images, need_k=need_columns, allow_tf32=allow_tf32)
         d_scale = d_scale.to(scale.dtype) if need_scale else None
-        return d_images, d_columns, d_scale, None, None, None, None, None, None
+        return d_images, d_columns, d_scale, None, None, None, None, None, None, None

@@ -53,27 +53,30 @@ METRIC_NAMES: dict[str, str] = {
 }
 
 
-def hard_negative_stats(image_features, text_features, negative_features, negative_owner) -> dict[str, float]:
-    """Sums behind neg_acc and neg_margin for one rank's batch, to be all-reduced before dividing.
+def hard_negative_stats(image_features, text_features, negative_features, negative_owner):
+    """Sums behind neg_acc and neg_margin for one rank's batch, a float64 tensor [3] to be all-reduced before
+    dividing (no host sync here: it runs every step, the division only on log steps).
 
     image_features (B, D), text_features (B, D) positive captions, negative_features (N, D), all L2-normalised;
     negative_owner (N,) long: the batch index of the image each negative was made for. Per image with at least
     one negative: margin = s(image, caption) - max over its negatives s(image, negative); correct = margin > 0
-    (a tie is not a win). Returns {"num_images_with_negatives", "num_correct", "margin_sum"} as floats:
-    neg_acc = num_correct / num_images_with_negatives, neg_margin = margin_sum / num_images_with_negatives.
+    (a tie is not a win). Returns [num_images_with_negatives, num_correct, margin_sum]; see neg_metrics.
     """
     import torch
     with torch.no_grad():
         img, txt, neg = image_features.float(), text_features.float(), negative_features.float()
         pos = (img * txt).sum(-1)  # (B,)
-        if neg.shape[0] == 0:
-            return {"num_images_with_negatives": 0.0, "num_correct": 0.0, "margin_sum": 0.0}
         neg_scores = (img[negative_owner] * neg).sum(-1)  # (N,) each negative against its own image
         best = torch.full_like(pos, float("-inf")).scatter_reduce(0, negative_owner, neg_scores, reduce="amax")
         has = torch.isfinite(best)
-        margin = (pos - best)[has]
-        return {"num_images_with_negatives": float(has.sum()), "num_correct": float((margin > 0).sum()),
-                "margin_sum": float(margin.sum())}
+        margin = torch.where(has, pos - best, torch.zeros_like(pos))
+        return torch.stack([has.sum().double(), ((margin > 0) & has).sum().double(), margin.sum().double()])
+
+
+def neg_metrics(sums) -> dict[str, float]:
+    """neg_acc and neg_margin from hard_negative_stats sums (summed over ranks); empty when no image had one."""
+    num, correct, margin = (float(x) for x in sums)
+    return {"neg_acc": correct / num, "neg_margin": margin / num} if num else {}
 
 
 class Reporter(Protocol):
@@ -273,5 +276,5 @@ def build_reporters(run_cfg_or_list: Any, run_dir: str | os.PathLike, is_main: b
     return MultiReporter(sinks)
 
 
-__all__ = ["build_reporters", "sink_names", "hard_negative_stats", "Reporter", "NullReporter", "JsonlReporter",
+__all__ = ["build_reporters", "sink_names", "hard_negative_stats", "neg_metrics", "Reporter", "NullReporter", "JsonlReporter",
            "TensorBoardReporter", "WandbReporter", "MultiReporter", "METRIC_NAMES", "SINKS"]

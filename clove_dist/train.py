@@ -46,7 +46,7 @@ from .errors import UserError, entry_point
 from .log import log
 from .loss import ContrastiveLoss
 from .preemption import PREEMPTED_EXIT, Preemption, requeue_slurm_job
-from .reporting import build_reporters
+from .reporting import build_reporters, hard_negative_stats, neg_metrics
 
 UNIVERSAL_CHECKPOINT_VERSION = 0.4  # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE (0.19)
 
@@ -64,7 +64,9 @@ class TrainStep(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor, negatives: torch.Tensor,
-                negative_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                negative_valid: torch.Tensor, negative_owner: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns the loss, the scale used, and this rank's watch statistics (a float64 tensor [5]: images with a
+        negative, those whose caption won, margin sum, image->text loss, text->image loss), read only at log steps."""
         image_features = self.clip.encode_image(images, normalize=True)  # (B, D)
         negatives = negatives[negative_valid]  # (n, L): only the real negatives of this rank, n may be 0
         text_features = self.clip.encode_text(torch.cat([texts, negatives]), normalize=True)  # (B + n, D)
@@ -73,7 +75,11 @@ class TrainStep(nn.Module):
                             negative_features=text_features[num_pos:])
         # the scale the loss used: exp(logit_scale) clamped (a value above the ceiling is cut back after the step)
         scale = self.clip.logit_scale.detach().float().exp().clamp(max=self.loss_fn.max_logit_scale).reshape(())
-        return loss, scale
+        directions = self.loss_fn.last_directions
+        watch = torch.cat([hard_negative_stats(image_features, text_features[:num_pos], text_features[num_pos:],
+                                               negative_owner[negative_valid]),
+                           torch.stack([directions["i2t"], directions["t2i"]]).double()])
+        return loss, scale, watch
 
 
 def param_groups(clip: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -138,7 +144,8 @@ def write_run_config(cfg: Config, run_dir: Path, resumed_tag: str | None) -> Non
 
 def _move(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return (batch["images"].to(device, dtype, non_blocking=True), batch["texts"].to(device, non_blocking=True),
-            batch["negatives"].to(device, non_blocking=True), batch["negative_valid"].to(device, non_blocking=True))
+            batch["negatives"].to(device, non_blocking=True), batch["negative_valid"].to(device, non_blocking=True),
+            batch["negative_owner"].to(device, non_blocking=True))
 
 
 class Preempted(Exception):
@@ -272,7 +279,7 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         for k, v in batch["stats"].items():
             self.skipped[k] = self.skipped.get(k, 0) + v
-        loss, scale = self.engine(*_move(batch, self.env.device, self.dtype))
+        loss, scale, self.watch = self.engine(*_move(batch, self.env.device, self.dtype))
         self.engine.backward(loss)
         self.engine.step()
         zero.clamp_logit_scale(self.engine, self.clip.logit_scale, self.cfg.loss.max_logit_scale)
@@ -284,12 +291,15 @@ class Trainer:
                  window: dict[str, float]) -> None:
         """One metrics line (see clove_dist.reporting.METRIC_NAMES), values reduced over ranks."""
         env = self.env
-        loss_value, num_negs = cdist.all_sum([float(loss.detach()), float(batch["negative_valid"].sum())],
-                                             env.device)
+        sums = cdist.all_sum([float(loss.detach()), float(batch["negative_valid"].sum()), *self.watch.tolist()],
+                             env.device)
+        loss_value, num_negs, watch = sums[0], sums[1], sums[2:]
         self.loss_value = loss_value / env.world_size
         now = time.perf_counter()
         elapsed, steps = max(now - window["t"], 1e-9), max(window["steps"], 1)
-        record = {"samples": self.samples_seen, "loss": self.loss_value, "lr": lr, "logit_scale": float(scale),
+        record = {"samples": self.samples_seen, "loss": self.loss_value, "loss_i2t": watch[3] / env.world_size,
+                  "loss_t2i": watch[4] / env.world_size, **neg_metrics(watch[:3]), "lr": lr,
+                  "logit_scale": float(scale),
                   "samples_per_s": window["samples"] / elapsed,
                   "samples_per_s_per_device": window["samples"] / elapsed / env.world_size,
                   "data_wait_s": window["wait"] / steps, "compute_s": window["compute"] / steps,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from clove_dist.config import RunConfig, from_dict
 from clove_dist.errors import UserError
-from clove_dist.reporting import (METRIC_NAMES, NullReporter, build_reporters, hard_negative_stats, sink_names)
+from clove_dist.reporting import (METRIC_NAMES, NullReporter, build_reporters, hard_negative_stats, neg_metrics,
+                                 sink_names)
 
 STEP_METRICS = {"loss": 0.75, "loss_i2t": 0.8, "loss_t2i": 0.7, "neg_acc": 0.625, "neg_margin": 0.031,
                 "lr": 1e-6, "logit_scale": 100.0, "data_wait_s": 0.01, "compute_s": 0.2,
@@ -97,12 +98,13 @@ def test_hard_negative_stats_hand_computed():
                                     [0.9, 0.1, 0.0],   # image 0 again: 0.994 > 0.981 -> the max decides: wrong
                                     [0.0, 1.0, 0.0]]), dim=-1)  # image 1: ties with its caption -> not a win
     owner = torch.tensor([0, 0, 1])  # image 2 has no negative: not counted
-    s = hard_negative_stats(img, txt, neg, owner)
+    num, correct, margin = hard_negative_stats(img, txt, neg, owner).tolist()
     pos0, pos1 = float(txt[0, 0]), float(txt[1, 1])
     best0 = max(float(neg[0, 0]), float(neg[1, 0]))
-    assert s["num_images_with_negatives"] == 2 and s["num_correct"] == 0
-    assert s["margin_sum"] == pytest.approx((pos0 - best0) + (pos1 - 1.0), abs=1e-6)  # fp32 dot products
+    assert num == 2 and correct == 0
+    assert margin == pytest.approx((pos0 - best0) + (pos1 - 1.0), abs=1e-6)  # fp32 dot products
     empty = hard_negative_stats(img, txt, torch.empty(0, 3), torch.empty(0, dtype=torch.long))
-    assert empty == {"num_images_with_negatives": 0.0, "num_correct": 0.0, "margin_sum": 0.0}
-    s = hard_negative_stats(img, txt, neg[:1], owner[:1])
-    assert (s["num_images_with_negatives"], s["num_correct"]) == (1, 1)
+    assert empty.tolist() == [0.0, 0.0, 0.0] and neg_metrics(empty) == {}
+    one = hard_negative_stats(img, txt, neg[:1], owner[:1])
+    assert one.tolist()[:2] == [1, 1]
+    assert neg_metrics(one) == {"neg_acc": 1.0, "neg_margin": pytest.approx(pos0 - float(neg[0, 0]), abs=1e-6)}

@@ -15,6 +15,9 @@ def test_rank_without_negatives_matches_one_process(tmp_path):
     torchrun(2, "tests/scripts/step_uneven_negatives.py", str(out), "fp32", timeout=300)
     got = torch.load(out)
     assert got["dtypes"] == ["torch.float32", "torch.float32"]
+    # images 0, 1 and 3 of rank 0 have negatives, rank 1 none; the two directions average to the loss
+    assert got["watch"][0] == 3 and 0 <= got["watch"][1] <= 3
+    assert (got["watch"][3] + got["watch"][4]) / 4 == pytest.approx(got["loss"], rel=1e-6)
     # fp32 engine against a float64 oracle: the loss carries fp32 rounding of ~1e-7 relative
     assert got["loss"] == pytest.approx(got["ref_loss"], rel=1e-5)
     assert got["grads"].keys() == got["ref_grads"].keys()

@@ -1,7 +1,8 @@
 """The training data pipeline: webdataset tar shards -> batches of images, captions and hard negatives.
 
     loader = build_loader(cfg.data, cfg.negatives, preprocess_train, tokenizer, seed=cfg.run.seed)
-    for batch in loader:   # images [B,3,H,W], texts [B,L], negatives [N,L], negative_valid [N], stats {name: count}
+    for batch in loader:   # images [B,3,H,W], texts [B,L], negatives [N,L], negative_valid [N], negative_owner [N],
+        ...                #   stats {name: count}
         ...
 
 Shards follow img2dataset's LAION-COCO layout: `{key}.jpg`, `{key}.txt` (alt-text), `{key}.json` (with
@@ -190,16 +191,19 @@ class Collate:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
         texts = self.tokenizer([s["caption"] for s in samples])  # (B, L)
-        neg_texts = [t for s in samples for t in s["negatives"]][: self.num_negatives]
+        pairs = [(i, t) for i, s in enumerate(samples) for t in s["negatives"]][: self.num_negatives]
         context = texts.shape[1]
         negatives = torch.zeros(self.num_negatives, context, dtype=texts.dtype)  # (N, L), padded rows invalid
         valid = torch.zeros(self.num_negatives, dtype=torch.bool)
-        if neg_texts:
-            negatives[: len(neg_texts)] = self.tokenizer(neg_texts)
-            valid[: len(neg_texts)] = True
+        owner = torch.full((self.num_negatives,), -1, dtype=torch.long)  # (N,) the sample each negative is of
+        if pairs:
+            negatives[: len(pairs)] = self.tokenizer([t for _, t in pairs])
+            valid[: len(pairs)] = True
+            owner[: len(pairs)] = torch.tensor([i for i, _ in pairs])
         stats = self.builder.skips.take()
         stats.update(self.builder.negative_stats())
         return {"images": images, "texts": texts, "negatives": negatives, "negative_valid": valid,
+                "negative_owner": owner,
                 "stats": stats, "num_samples": len(samples)}
 
 

@@ -30,6 +30,7 @@ images = torch.randn(2, B, 3, 32, 32, generator=g)
 texts = torch.randint(1, 500, (2, B, L), generator=g)
 negatives = torch.randint(1, 500, (2, 6, L), generator=g)
 valid = torch.tensor([[True, False, True, True, False, False], [False] * 6])  # rank 1: rows, none valid
+owner = torch.tensor([[0, 1, 1, 3, -1, -1], [-1] * 6])  # the sample each negative row was made for
 
 cmodel.make_deepspeed_safe(clip)
 step = TrainStep(clip, ContrastiveLoss("chunked", chunk_size=3))
@@ -42,10 +43,10 @@ engine, *_ = deepspeed.initialize(model=step, optimizer=torch.optim.SGD(clip.par
                                   dist_init_required=False)
 r = env.rank
 dtype = zero.compute_dtype(ds_cfg)
-loss, _ = engine(images[r].to(dtype), texts[r], negatives[r], valid[r])
+loss, _, watch = engine(images[r].to(dtype), texts[r], negatives[r], valid[r], owner[r])
 engine.backward(loss)
 grads = {n: safe_get_full_grad(p) for n, p in clip.named_parameters()}  # collective: every rank
-losses = cdist.all_sum([float(loss)], env.device)
+losses = cdist.all_sum([float(loss), *watch.tolist()], env.device)
 
 if r == 0:
     # plain torch, float64, one process, the whole batch: the loss the engines' mean must equal
@@ -57,5 +58,5 @@ if r == 0:
     ref = (F.cross_entropy(s * img @ torch.cat([txt, neg]).T, target) + F.cross_entropy(s * txt @ img.T, target)) / 2
     ref.backward()
     ref_grads = {n: p.grad.reshape(-1) for n, p in oracle.named_parameters()}
-    torch.save({"loss": losses[0] / 2, "ref_loss": float(ref), "dtypes": [str(d) for d in seen_dtypes[0]],
+    torch.save({"loss": losses[0] / 2, "ref_loss": float(ref), "watch": losses[1:], "dtypes": [str(d) for d in seen_dtypes[0]],
                 "grads": {n: v.reshape(-1).double() for n, v in grads.items()}, "ref_grads": ref_grads}, sys.argv[1])
