@@ -17,7 +17,7 @@ from clove_dist.checkpoint import MANIFEST
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
-STEPS = 14
+STEPS = 60
 
 
 def _command(world, out) -> list[str]:
@@ -33,17 +33,30 @@ def _partial_tags(ckpt_dir) -> list[int]:
     return [int(p.name[4:]) for p in ckpt_dir.glob("step?????????") if p.is_dir() and not (p / MANIFEST).exists()]
 
 
-def _kill_when(world, out, deadline_s: float, mid_save: bool) -> list[int]:
-    """Start a run; SIGKILL it after deadline_s (or, with mid_save, as soon as a checkpoint directory exists
-    without its manifest); returns the steps of the partial checkpoints left behind."""
+def _logged_steps(out) -> int:
+    path = out / "debug" / "metrics.jsonl"
+    return sum('"event"' not in ln for ln in path.read_text().splitlines()) if path.exists() else 0
+
+
+def _kill_when(world, out, delay_s: float, mid_save: bool) -> list[int]:
+    """Start a run and SIGKILL it (launcher and ranks) delay_s after it logged its first new step, or, with
+    mid_save, as soon as a checkpoint directory exists without its manifest; returns the steps of the partial
+    checkpoints left behind."""
+    before = _logged_steps(out)
     proc = subprocess.Popen(_command(world, out), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt_dir = out / "debug" / "checkpoints"
-    start = time.monotonic()
-    while proc.poll() is None and time.monotonic() - start < (120 if mid_save else deadline_s):
-        if mid_save and _partial_tags(ckpt_dir):
+    start, trained_at = time.monotonic(), None
+    while proc.poll() is None and time.monotonic() - start < 180:
+        if mid_save and before < _logged_steps(out) and _partial_tags(ckpt_dir):
             break
+        if not mid_save:
+            if trained_at is None and _logged_steps(out) > before:
+                trained_at = time.monotonic()
+            if trained_at is not None and time.monotonic() - trained_at >= delay_s:
+                break
         time.sleep(0.005 if mid_save else 0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: make STEPS larger"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return _partial_tags(ckpt_dir)
@@ -54,7 +67,7 @@ def test_kill_9_five_times_then_finish(world, tmp_path):
     resumed_at: list[int] = []
     partial_seen = []
     for i in range(5):
-        partial = _kill_when(world, tmp_path, deadline_s=rng.uniform(9, 22), mid_save=(i == 2))
+        partial = _kill_when(world, tmp_path, delay_s=rng.uniform(0.0, 1.5), mid_save=(i == 2))
         partial_seen.append(partial)
     assert partial_seen[2], "the kill aimed at a checkpoint write found no partial checkpoint"
     run(_command(world, tmp_path), timeout=300)
