@@ -13,7 +13,6 @@ at the end: an interrupted patch never leaves a half-written file under the fina
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .errors import UserError, entry_point
+from ..errors import UserError
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -132,32 +131,49 @@ def interpolate_state(pre: Mapping[str, torch.Tensor], fine: Mapping[str, torch.
     return {k: interpolate_tensor(pre[k], fine[k], alpha) for k in pre}
 
 
-class StreamingSafetensorsWriter:
-    """Writes a .safetensors file whose tensor list is known up front, one tensor at a time.
+def partial_path(path: Path) -> Path:
+    """Where a file is written before it is renamed into place: the final name only ever holds a whole file."""
+    return path.with_name(path.name + ".partial")
 
+
+def safetensors_header(specs: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, list[tuple[str, tuple[int, ...], torch.dtype, int, int]]]:
+    """The bytes before the data section and, per tensor, (name, shape, dtype, file offset, nbytes).
+
+    A pure function of its arguments: every rank that knows the names, shapes and dtypes computes the same header
+    and the same offsets, which is what lets ranks write their byte ranges of one file independently.
     Layout (the safetensors format): 8-byte little-endian header length, a JSON header mapping each name to its
     dtype, shape and [begin, end) byte offsets in the data section, then the raw little-endian tensor bytes.
     """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    rel = []
+    for name, shape, dtype in specs:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        rel.append((name, tuple(shape), dtype, offset, nbytes))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
+    raw = struct.pack("<Q", len(raw)) + raw
+    return raw, [(n, sh, dt, len(raw) + off, nb) for n, sh, dt, off, nb in rel]
+
+
+class StreamingSafetensorsWriter:
+    """Writes a .safetensors file whose tensor list is known up front, one tensor at a time (layout: see
+    safetensors_header)."""
 
     def __init__(self, path: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = metadata
-        offset = 0
-        self.order = []
-        for name, shape, dtype in specs:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self.order.append((name, tuple(shape), dtype, nbytes))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
+        self.tmp = partial_path(self.path)
+        raw, entries = safetensors_header(specs, metadata)
+        self.order = [(name, shape, dtype, nbytes) for name, shape, dtype, _, nbytes in entries]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.tmp, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._f.write(raw)
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -213,23 +229,3 @@ def patch_files(pretrained: str, finetuned: str, alpha: float, out: str, *, prog
         for k in tqdm(list(pre), desc=f"patch alpha={alpha}", unit="tensor", disable=not progress):
             w.write(k, interpolate_tensor(pre[k], fine[k], alpha))
     return Path(out)
-
-
-@entry_point
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="clove-dist patch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pretrained", required=True, help="pre-trained weights (.safetensors/.pt/.bin)")
-    ap.add_argument("--finetuned", required=True, help="fine-tuned weights of the same architecture")
-    ap.add_argument("--alpha", type=float, nargs="+", default=[0.6], help="interpolation weight(s) of the fine-tuned")
-    ap.add_argument("--out", required=True,
-                    help="output .safetensors (several alphas: a directory receiving patched_alpha<A>.safetensors)")
-    args = ap.parse_args(argv)
-    outs = []
-    if len(args.alpha) == 1 and str(args.out).endswith(".safetensors"):
-        outs.append(patch_files(args.pretrained, args.finetuned, args.alpha[0], args.out))
-    else:
-        for a in args.alpha:
-            outs.append(patch_files(args.pretrained, args.finetuned, a, str(Path(args.out) / patched_name(a))))
-    for p in outs:
-        print(p)
-    return 0

@@ -1,0 +1,199 @@
+"""Sharded export on 2 gloo ranks with real DeepSpeed engines (ZeRO 1, 2 and 3, every parameter partitioned):
+the files every rank writes in place equal, bit for bit, what the offline streaming patch makes of the gathered
+weights; alpha 0 gives the pre-trained weights, alpha 1 the fine-tuned export; the rank-0 streaming fallback, the
+random-init path, an interrupted export and `clove-dist patch|export` of the 2-rank checkpoint agree with it.
+
+Run as a script by torchrun (see `_launch`), this file is the worker of each rank.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS = 2
+ALPHAS = [0.0, 0.6, 1.0]
+
+
+def worker(stage: int, root: Path) -> None:
+    from clove_dist import dist as cdist
+    from clove_dist import model as cmodel
+    from clove_dist.config import ModelConfig, load_config
+    from clove_dist.loss import ContrastiveLoss
+    from clove_dist.patching import export_sharded, save_state
+    from clove_dist.patching import sharded as sharded_mod
+    from clove_dist.train import TrainStep, deepspeed_config, full_state_dict, param_groups
+
+    env = cdist.setup("cpu", "gloo")
+    import deepspeed
+    torch.manual_seed(0)
+    clip = cmodel.create(ModelConfig(name="clove-micro"))[0]
+    if env.rank == 0:  # the weights training starts from, as a pre-trained file
+        save_state({k: v.float() for k, v in clip.state_dict().items()}, root / "pre.safetensors")
+    cdist.barrier()
+    original_shapes = cmodel.make_deepspeed_safe(clip)
+    cfg = load_config(None, [f"distributed.zero_stage={stage}", "data.batch_size=4", "run.device=cpu"])
+    ds_cfg = deepspeed_config(cfg, torch.device("cpu"))
+    if stage == 3:
+        ds_cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
+    step_module = TrainStep(clip, ContrastiveLoss("chunked", 100.0, 64))
+    optimizer = torch.optim.AdamW(param_groups(clip, 0.1), lr=1e-2)
+    engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=ds_cfg,
+                                           dist_init_required=False)
+    gen = torch.Generator().manual_seed(100 + env.rank)
+    for _ in range(STEPS):
+        images = torch.randn(4, 3, 32, 32, generator=gen)
+        texts = torch.randint(1, 49408, (4, 16), generator=gen)
+        negatives = torch.randint(1, 49408, (2, 16), generator=gen)
+        loss, _ = engine(images, texts, negatives, torch.tensor([True, env.rank == 0]))
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(str(root / "checkpoints"), tag="final")
+
+    reference = full_state_dict(clip, original_shapes, keep=env.is_main)  # the old gather-on-rank-0 way
+    if env.is_main:
+        save_state(reference, root / "gathered.safetensors")
+    del reference
+    pre = str(root / "pre.safetensors")
+    export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / "sharded", seed=0)
+    export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / "streamed", seed=0,
+                   force_streaming=True)
+    export_sharded(clip, original_shapes, "clove-micro", None, [0.0], root / "randinit", seed=0)
+
+    # An export that dies part-way (on every rank, after `fail_after` byte ranges each) leaves no final file;
+    # the next export into the same directory completes.
+    real = sharded_mod._pwrite_all
+    for fail_after in (0, 7):
+        calls = [0]
+
+        def failing(fd, tensor, offset, calls=calls, fail_after=fail_after):
+            if calls[0] >= fail_after:
+                raise KeyboardInterrupt("simulated interruption")
+            calls[0] += 1
+            real(fd, tensor, offset)
+
+        sharded_mod._pwrite_all = failing
+        try:
+            export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / "interrupted", seed=0)
+            raise AssertionError("the interrupted export did not fail")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sharded_mod._pwrite_all = real
+        if env.rank == 0:
+            left = sorted(p.name for p in (root / "interrupted").glob("*.safetensors"))
+            (root / f"interrupted_{fail_after}.txt").write_text("\n".join(left))
+        cdist.barrier()
+    export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / "interrupted", seed=0)
+    cdist.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(stage: int, root: Path, repo: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(Path(__file__).resolve()), str(stage), str(root)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: a hung rank must not outlive the test
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 400 s: {err[-4000:]}")
+    assert proc.returncode == 0, err[-6000:]
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), Path(sys.argv[2]))
+    raise SystemExit(0)
+
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, request):
+    out = {}
+    for stage in (1, 2, 3):
+        root = tmp_path_factory.mktemp(f"zero{stage}")
+        _launch(stage, root, request.config.rootpath)
+        out[stage] = root
+    return out
+
+
+def _load(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def _assert_bitwise(a: dict, b: dict) -> None:
+    assert list(a) == list(b) or sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sharded_export_equals_gather_and_offline_patch(runs, stage, tmp_path):
+    from clove_dist.patching import patch_files, patched_name
+    root = runs[stage]
+    pre, gathered = _load(root / "pre.safetensors"), _load(root / "gathered.safetensors")
+    finetuned = _load(root / "sharded" / "finetuned.safetensors")
+    _assert_bitwise(finetuned, gathered)
+    assert finetuned["logit_scale"].shape == torch.Size([])  # back to open_clip's 0-dim shape
+    assert any(not torch.equal(finetuned[k], pre[k]) for k in pre)  # training moved the weights
+    for alpha in ALPHAS:
+        got = _load(root / "sharded" / patched_name(alpha))
+        offline = patch_files(str(root / "pre.safetensors"), str(root / "gathered.safetensors"), alpha,
+                              str(tmp_path / f"offline{alpha}.safetensors"), progress=False)
+        _assert_bitwise(got, _load(offline))
+        _assert_bitwise(got, _load(root / "streamed" / patched_name(alpha)))  # the rank-0 streaming fallback
+        if alpha == 0.0:
+            _assert_bitwise(got, pre)
+        if alpha == 1.0:
+            _assert_bitwise(got, finetuned)
+    _assert_bitwise(_load(root / "streamed" / "finetuned.safetensors"), finetuned)
+    # no pre-trained file: the seeded init training started from is rebuilt, and the hidden copy is removed
+    _assert_bitwise(_load(root / "randinit" / patched_name(0.0)), pre)
+    assert sorted(p.name for p in (root / "randinit").iterdir()) == [
+        "finetuned.safetensors", "open_clip_config.json", patched_name(0.0)]
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_interrupted_export_leaves_no_file_and_rerun_completes(runs, stage):
+    from clove_dist.patching import patched_name
+    root = runs[stage]
+    for fail_after in (0, 7):
+        assert (root / f"interrupted_{fail_after}.txt").read_text() == ""
+    for name in ["finetuned.safetensors", *(patched_name(a) for a in ALPHAS)]:
+        _assert_bitwise(_load(root / "interrupted" / name), _load(root / "sharded" / name))
+    assert not list((root / "interrupted").glob("*.partial"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_offline_patch_and_export_of_two_rank_checkpoint(runs, stage, tmp_path):
+    from clove_dist.cli import main as cli_main
+    from clove_dist.patching import patched_name
+    root = runs[stage]
+    ckpt = root / "checkpoints" / "final"
+    assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "f.safetensors")]) == 0
+    _assert_bitwise(_load(tmp_path / "f.safetensors"), _load(root / "sharded" / "finetuned.safetensors"))
+    assert cli_main(["patch", "--pretrained", str(root / "pre.safetensors"), "--finetuned", str(root / "checkpoints"),
+                     "--alpha", "0.6", "--out", str(tmp_path / "p.safetensors")]) == 0
+    _assert_bitwise(_load(tmp_path / "p.safetensors"), _load(root / "sharded" / patched_name(0.6)))
+    import open_clip
+    import clove_dist.model  # noqa: F401  (registers clove-micro)
+    model = open_clip.create_model("clove-micro", pretrained=str(tmp_path / "p.safetensors"))
+    assert model.logit_scale.shape == torch.Size([])
