@@ -55,6 +55,12 @@ def worker(stage: int, root: Path) -> None:
         engine.backward(loss)
         engine.step()
     engine.save_checkpoint(str(root / "checkpoints"), tag="final")
+    cdist.barrier()
+    if env.rank == 0:  # DeepSpeed's own consolidation: .bin (ZeRO-1), sharded safetensors (ZeRO-2), safetensors (ZeRO-3)
+        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+        convert_zero_checkpoint_to_fp32_state_dict(str(root / "checkpoints"), str(root / "zero_to_fp32"),
+                                                   max_shard_size="2MB" if stage == 2 else "5GB",
+                                                   safe_serialization=stage > 1, tag="final")
 
     reference = full_state_dict(clip, original_shapes, keep=env.is_main)  # the old gather-on-rank-0 way
     if env.is_main:
@@ -193,6 +199,11 @@ def test_offline_patch_and_export_of_two_rank_checkpoint(runs, stage, tmp_path):
     assert cli_main(["patch", "--pretrained", str(root / "pre.safetensors"), "--finetuned", str(root / "checkpoints"),
                      "--alpha", "0.6", "--out", str(tmp_path / "p.safetensors")]) == 0
     _assert_bitwise(_load(tmp_path / "p.safetensors"), _load(root / "sharded" / patched_name(0.6)))
+    # DeepSpeed's zero_to_fp32 output (`clip.` prefix, [1]-shaped logit_scale) exports to the same weights
+    assert cli_main(["export", str(root / "zero_to_fp32"), "--out", str(tmp_path / "z.safetensors")]) == 0
+    _assert_bitwise(_load(tmp_path / "z.safetensors"), _load(root / "sharded" / "finetuned.safetensors"))
+    if stage == 2:
+        assert len(list((root / "zero_to_fp32").glob("*.safetensors"))) > 1  # the sharded index was read
     import open_clip
     import clove_dist.model  # noqa: F401  (registers clove-micro)
     model = open_clip.create_model("clove-micro", pretrained=str(tmp_path / "p.safetensors"))

@@ -37,7 +37,10 @@ class PatchError(UserError):
 
 
 class TensorSource(Mapping):
-    """Read-only, lazily loaded tensors of a checkpoint file (.safetensors, .pt, .pth, .bin)."""
+    """Read-only, lazily loaded tensors of a weights file (.safetensors, .pt, .pth, .bin).
+
+    Keys are open_clip's: a `module.` prefix (DDP) and the `clip.` prefix of the training module (DeepSpeed's
+    zero_to_fp32 output) are removed; state outside the CLIP model in such a file is ignored."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
@@ -55,9 +58,11 @@ class TensorSource(Mapping):
                     obj = obj["state_dict"]
                 if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
                     raise PatchError(f"{self.path} does not hold a state dict of tensors")
-                self._state = {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
-                self._keys = list(self._state)
+                self._state = obj
+                self._keys = list(obj)
                 self._st = None
+            self._names = _open_clip_names(self._keys)
+            self._keys = list(self._names)
             self._keyset = frozenset(self._keys)
         except PatchError:
             raise
@@ -66,6 +71,7 @@ class TensorSource(Mapping):
                              f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        key = self._names[key]
         if self._st is not None:
             return self._st.get_tensor(key)
         return self._state[key]
@@ -80,6 +86,7 @@ class TensorSource(Mapping):
         return len(self._keys)
 
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        key = self._names[key]
         if self._st is not None:
             sl = self._st.get_slice(key)
             name = sl.get_dtype()
@@ -89,14 +96,69 @@ class TensorSource(Mapping):
         return tuple(t.shape), t.dtype
 
 
+def _open_clip_names(keys: list[str]) -> dict[str, str]:
+    """open_clip key -> stored key."""
+    keys = [k for k in keys]
+    strip = [k[len("module."):] if k.startswith("module.") else k for k in keys]
+    if any(k.startswith("clip.") for k in strip):
+        return {k[len("clip."):]: orig for k, orig in zip(strip, keys) if k.startswith("clip.")}
+    return dict(zip(strip, keys))
+
+
+_CONSOLIDATED = ("model.safetensors", "pytorch_model.bin")  # zero_to_fp32's names, unsharded
+
+
+class ShardedTensorSource(Mapping):
+    """zero_to_fp32's sharded output: `<name>.index.json` maps every tensor to one of several files."""
+
+    def __init__(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PatchError(f"cannot read {index}: {type(e).__name__}: {e}") from None
+        self._files = {f: TensorSource(index.parent / f) for f in dict.fromkeys(weight_map.values())}
+        self._where = {k: src for src in self._files.values() for k in src}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._where[key].shape_dtype(key)
+
+
+def open_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """A weights file, a DeepSpeed checkpoint directory (a run's checkpoints/ or one tag in it), or the directory
+    DeepSpeed's zero_to_fp32 writes (model.safetensors / pytorch_model.bin, or their sharded index)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in _CONSOLIDATED:
+            if (p / name).is_file():
+                return TensorSource(p / name)
+            if (p / f"{name}.index.json").is_file():
+                return ShardedTensorSource(p / f"{name}.index.json")
+        from .checkpoint import DeepSpeedCheckpoint
+        return DeepSpeedCheckpoint(p)
+    return TensorSource(path)
+
+
 def patched_name(alpha: float) -> str:
     """File name of the weights patched at `alpha`: distinct for distinct alphas (0.6 -> patched_alpha0.6...)."""
     return f"patched_alpha{check_alpha(alpha):g}.safetensors"
 
 
-def check_alpha(alpha: float) -> float:
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise PatchError(f"alpha must be in [0, 1], got {alpha!r}")
+def check_alpha(alpha: float, allow_extrapolation: bool = False) -> float:
+    """alpha as a float; PatchError outside [0, 1] (beyond it the result leaves the segment between the two models,
+    which the user must ask for) or when not finite."""
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise PatchError(f"alpha must be a finite number, got {alpha!r}")
+    if not allow_extrapolation and not 0.0 <= alpha <= 1.0:
+        raise PatchError(f"alpha must be in [0, 1], got {alpha!r} (pass --allow-extrapolation to go outside)")
     return float(alpha)
 
 
@@ -216,12 +278,20 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
     return Path(path)
 
 
-def patch_files(pretrained: str, finetuned: str, alpha: float, out: str, *, progress: bool = True) -> Path:
-    """Stream-interpolate two checkpoints into `out` (.safetensors); peak memory about one tensor."""
-    alpha = check_alpha(alpha)
+def check_output(out: str | os.PathLike, overwrite: bool) -> None:
     if not str(out).endswith(".safetensors"):
         raise PatchError(f"--out must be a .safetensors file, got {out}")
-    pre, fine = TensorSource(pretrained), TensorSource(finetuned)
+    if os.path.exists(out) and not overwrite:
+        raise PatchError(f"{out} exists; pass --overwrite to replace it")
+
+
+def patch_files(pretrained: str, finetuned: str, alpha: float, out: str, *, progress: bool = True,
+                allow_extrapolation: bool = False, overwrite: bool = True) -> Path:
+    """Stream-interpolate two weights files or checkpoints into `out` (.safetensors); peak memory about one
+    tensor. Either input may be a DeepSpeed checkpoint directory or zero_to_fp32's consolidated file."""
+    alpha = check_alpha(alpha, allow_extrapolation)
+    check_output(out, overwrite)
+    pre, fine = open_weights(pretrained), open_weights(finetuned)
     check_compatible(pre, fine, shape_of=lambda src, k: src.shape_dtype(k)[0])
     specs = [(k, *pre.shape_dtype(k)) for k in pre]
     meta = {"alpha": str(alpha), "pretrained": os.path.basename(pretrained), "finetuned": os.path.basename(finetuned)}
