@@ -85,3 +85,60 @@ def test_interrupted_write_leaves_no_file(tmp_path):
     save_state(state, tmp_path / "x.safetensors")
     got = load_file(str(tmp_path / "x.safetensors"))
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_bad_input_one_line_nonzero_exit_nothing_written(pair, tmp_path, capsys):
+    """Each user mistake: one line on stderr, exit 2, and the output directory stays as it was."""
+    d, _, _ = pair
+    other = tmp_path / "in" / "tiny.safetensors"
+    other.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("clove-tiny").state_dict().items()}, other)
+    not_ckpt = tmp_path / "in" / "notackpt"
+    not_ckpt.mkdir()
+    (not_ckpt / "readme.txt").write_text("hello")
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "exists.safetensors"
+    existing.write_bytes(b"keep me")
+    base = ["patch", "--pretrained", str(d / "a.safetensors"), "--finetuned", str(d / "b.pt")]
+    cases = [
+        (base[:3] + ["--finetuned", str(other), "--out", str(out / "x.safetensors")],
+         "checkpoints are of different models"),
+        (base[:3] + ["--finetuned", str(not_ckpt), "--out", str(out / "x.safetensors")],
+         "is not a DeepSpeed checkpoint directory"),
+        (base + ["--alpha", "-0.1", "--out", str(out / "x.safetensors")], "--allow-extrapolation"),
+        (base + ["--alpha", "0.2", "1.2", "--out", str(out / "several")], "alpha must be in [0, 1], got 1.2"),
+        (base + ["--out", str(existing)], "exists; pass --overwrite"),
+        (["export", str(not_ckpt), "--out", str(out / "x.safetensors")], "is not a DeepSpeed checkpoint directory"),
+        (["export", str(d / "b.pt"), "--out", str(existing)], "exists; pass --overwrite"),
+    ]
+    for argv, needle in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, (argv, err)
+        assert sorted(p.name for p in out.iterdir()) == ["exists.safetensors"], argv
+        assert existing.read_bytes() == b"keep me"
+
+
+def test_extrapolation_and_overwrite_when_asked(pair, tmp_path):
+    d, a, b = pair
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"old")
+    assert cli_main(["patch", "--pretrained", str(d / "a.safetensors"), "--finetuned", str(d / "b.pt"),
+                     "--alpha", "1.5", "--allow-extrapolation", "--overwrite", "--out", str(out)]) == 0
+    got = load_file(str(out))
+    for k in a:
+        expected = a[k].double() + 1.5 * (b[k].reshape(a[k].shape).double() - a[k].double())
+        # one fp32 rounding of a lerp of magnitude <= ~10: well below 1e-5
+        torch.testing.assert_close(got[k].double(), expected, rtol=0, atol=1e-5)
+
+
+def test_export_restores_open_clip_shapes_from_a_consolidated_file(pair, tmp_path):
+    """zero_to_fp32 writes `clip.`-prefixed keys and a [1]-shaped logit_scale; the export loads in open_clip."""
+    d, _, b = pair
+    torch.save({"clip." + k: v for k, v in b.items()} | {"loss_fn.dummy": torch.zeros(2)}, tmp_path / "c.bin")
+    assert cli_main(["export", str(tmp_path / "c.bin"), "--out", str(tmp_path / "e.safetensors")]) == 0
+    got = load_file(str(tmp_path / "e.safetensors"))
+    assert sorted(got) == sorted(b) and got["logit_scale"].shape == torch.Size([])
+    model = open_clip.create_model("clove-micro", pretrained=str(tmp_path / "e.safetensors"))
+    assert torch.equal(model.logit_scale.detach().reshape(1), b["logit_scale"])
