@@ -18,8 +18,8 @@ How (shared output directory, the usual case on a cluster file system):
 4. rank 0 renames every `.partial` into place. An interrupted export leaves only `.partial` files; a rerun
    recreates them from scratch.
 
-Peak extra host memory per rank: one fragment plus its pre-trained slice and one lerp result, i.e. about 3x the
-largest fragment, far below one model.
+Peak extra host memory per rank: a pre-trained slice and a lerp result of at most CHUNK_NUMEL elements each (the
+fragment itself is a view of the optimizer's fp32 partition on CPU), far below one model.
 
 When the directory is not shared by all ranks (detected: rank 0 writes a token file the others look for), the
 values stream through rank 0 one parameter at a time (each rank contributes its fragment to a full-size buffer of
@@ -47,6 +47,7 @@ from .stream import (_ST_DTYPES, PatchError, check_alpha, partial_path, patched_
 
 FINETUNED_NAME = "finetuned.safetensors"
 _BASE_NAME = ".pretrained_init.safetensors"
+CHUNK_NUMEL = 1 << 22  # elements interpolated at a time: 16 MB of fp32 per buffer
 _DTYPE_OF = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -322,14 +323,15 @@ def _write_sharded(entries, specs, outputs, base: str | None, rank: int) -> None
             if frag is None:
                 continue
             start, values = frag
-            if not values.is_floating_point():
-                values_by_out = [values] * len(outputs)
-            else:
-                pre_slice = pre.read(name, start, values.numel()) if pre is not None and len(outputs) > 1 else None
-                values_by_out = [values if a is None else torch.lerp(pre_slice, values, a) for _, a, _ in outputs]
             size = values.element_size()
-            for fd, (_, layout), v in zip(fds, headers, values_by_out):
-                _pwrite_all(fd, v.to(dtype) if v.is_floating_point() else v, layout[i][3] + start * size)
+            # in chunks, so that the pre-trained slice and the lerp result stay small whatever the fragment
+            for lo in range(0, values.numel(), CHUNK_NUMEL):
+                part = values[lo:lo + CHUNK_NUMEL]
+                pre_part = pre.read(name, start + lo, part.numel()) \
+                    if pre is not None and len(outputs) > 1 and part.is_floating_point() else None
+                for fd, (_, layout), (_, a, _) in zip(fds, headers, outputs):
+                    v = part if a is None or not part.is_floating_point() else torch.lerp(pre_part, part, a)
+                    _pwrite_all(fd, v.to(dtype) if v.is_floating_point() else v, layout[i][3] + (start + lo) * size)
         for fd in fds:
             os.fsync(fd)
     finally:
