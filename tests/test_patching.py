@@ -142,3 +142,29 @@ def test_export_restores_open_clip_shapes_from_a_consolidated_file(pair, tmp_pat
     assert sorted(got) == sorted(b) and got["logit_scale"].shape == torch.Size([])
     model = open_clip.create_model("clove-micro", pretrained=str(tmp_path / "e.safetensors"))
     assert torch.equal(model.logit_scale.detach().reshape(1), b["logit_scale"])
+
+
+def test_export_sharded_without_distributed_equals_offline_patch(pair, tmp_path):
+    """One process, no engine (ZeRO-0 / debug mode): rank 0 owns every tensor; logit_scale back to 0-dim."""
+    from clove_dist.model import make_deepspeed_safe
+    from clove_dist.patching import export_sharded, patched_name
+    d, a, _ = pair
+    torch.manual_seed(5)
+    clip = open_clip.create_model("clove-micro")
+    shapes = make_deepspeed_safe(clip)
+    paths = export_sharded(clip, shapes, "clove-micro", str(d / "a.safetensors"), [0.0, 0.6], tmp_path / "e", seed=0)
+    assert [p.name for p in paths] == ["finetuned.safetensors", patched_name(0.0), patched_name(0.6)]
+    fine = load_file(str(paths[0]))
+    assert fine["logit_scale"].shape == torch.Size([])
+    assert all(torch.equal(fine[k].reshape(-1), v.detach().reshape(-1)) for k, v in clip.state_dict().items())
+    offline = patch_files(str(d / "a.safetensors"), str(paths[0]), 0.6, str(tmp_path / "o.safetensors"),
+                          progress=False)
+    got, want = load_file(str(paths[2])), load_file(str(offline))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(load_file(str(paths[1]))[k], a[k]) for k in a)
+    # no weights file: the pre-trained side is the init the seed gives, rebuilt, and its copy is removed
+    paths = export_sharded(clip, shapes, "clove-micro", None, [0.0], tmp_path / "r", seed=0)
+    got = load_file(str(paths[1]))
+    assert all(torch.equal(got[k], a[k]) for k in a)  # `pair` made a.safetensors from seed 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "finetuned.safetensors", "open_clip_config.json", patched_name(0.0)]

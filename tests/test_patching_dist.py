@@ -56,7 +56,7 @@ def worker(stage: int, root: Path) -> None:
         engine.step()
     engine.save_checkpoint(str(root / "checkpoints"), tag="final")
     cdist.barrier()
-    if env.rank == 0:  # DeepSpeed's own consolidation: .bin (ZeRO-1), sharded safetensors (ZeRO-2), safetensors (ZeRO-3)
+    if env.rank == 0:  # DeepSpeed's consolidation: .bin (ZeRO-1), sharded (ZeRO-2), one safetensors (ZeRO-3)
         from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
         convert_zero_checkpoint_to_fp32_state_dict(str(root / "checkpoints"), str(root / "zero_to_fp32"),
                                                    max_shard_size="2MB" if stage == 2 else "5GB",
@@ -72,11 +72,15 @@ def worker(stage: int, root: Path) -> None:
     export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / "streamed", seed=0,
                    force_streaming=True)
     export_sharded(clip, original_shapes, "clove-micro", None, [0.0], root / "randinit", seed=0)
+    # a directory that is not shared: each rank names its own, as ranks on different machines with node-local
+    # disks would see one path; the export must notice and stream through rank 0 into rank 0's
+    export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / f"local{env.rank}", seed=0)
 
-    # An export that dies part-way (on every rank, after `fail_after` byte ranges each) leaves no final file;
-    # the next export into the same directory completes.
+    # An export that dies part-way (after `fail_after` byte ranges, on every rank or on rank 1 alone) leaves no
+    # final file; the next export into the same directory completes.
+    from clove_dist.patching import PatchError
     real = sharded_mod._pwrite_all
-    for fail_after in (0, 7):
+    for case, (failing_ranks, fail_after) in enumerate([((0, 1), 0), ((0, 1), 7), ((1,), 3)]):
         calls = [0]
 
         def failing(fd, tensor, offset, calls=calls, fail_after=fail_after):
@@ -85,17 +89,20 @@ def worker(stage: int, root: Path) -> None:
             calls[0] += 1
             real(fd, tensor, offset)
 
-        sharded_mod._pwrite_all = failing
+        if env.rank in failing_ranks:
+            sharded_mod._pwrite_all = failing
         try:
             export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / "interrupted", seed=0)
             raise AssertionError("the interrupted export did not fail")
         except KeyboardInterrupt:
-            pass
+            assert env.rank in failing_ranks
+        except PatchError as e:  # the rank that finished its part learns that another did not
+            assert env.rank not in failing_ranks and "failed on another rank" in str(e)
         finally:
             sharded_mod._pwrite_all = real
         if env.rank == 0:
             left = sorted(p.name for p in (root / "interrupted").glob("*.safetensors"))
-            (root / f"interrupted_{fail_after}.txt").write_text("\n".join(left))
+            (root / f"interrupted_{case}.txt").write_text("\n".join(left))
         cdist.barrier()
     export_sharded(clip, original_shapes, "clove-micro", pre, ALPHAS, root / "interrupted", seed=0)
     cdist.barrier()
@@ -172,6 +179,9 @@ def test_sharded_export_equals_gather_and_offline_patch(runs, stage, tmp_path):
         if alpha == 1.0:
             _assert_bitwise(got, finetuned)
     _assert_bitwise(_load(root / "streamed" / "finetuned.safetensors"), finetuned)
+    for name in ["finetuned.safetensors", *(patched_name(a) for a in ALPHAS)]:
+        _assert_bitwise(_load(root / "local0" / name), _load(root / "sharded" / name))
+    assert not (root / "local1").exists()  # rank 1 wrote nothing: rank 0 streamed everything
     # no pre-trained file: the seeded init training started from is rebuilt, and the hidden copy is removed
     _assert_bitwise(_load(root / "randinit" / patched_name(0.0)), pre)
     assert sorted(p.name for p in (root / "randinit").iterdir()) == [
@@ -182,8 +192,8 @@ def test_sharded_export_equals_gather_and_offline_patch(runs, stage, tmp_path):
 def test_interrupted_export_leaves_no_file_and_rerun_completes(runs, stage):
     from clove_dist.patching import patched_name
     root = runs[stage]
-    for fail_after in (0, 7):
-        assert (root / f"interrupted_{fail_after}.txt").read_text() == ""
+    for case in range(3):
+        assert (root / f"interrupted_{case}.txt").read_text() == ""
     for name in ["finetuned.safetensors", *(patched_name(a) for a in ALPHAS)]:
         _assert_bitwise(_load(root / "interrupted" / name), _load(root / "sharded" / name))
     assert not list((root / "interrupted").glob("*.partial"))

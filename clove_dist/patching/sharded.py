@@ -32,6 +32,7 @@ outputs that every rank then reads like any pre-trained file (rank 0 briefly hol
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import struct
@@ -127,7 +128,8 @@ def _pwrite_all(fd: int, tensor: torch.Tensor, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def _entries(clip: nn.Module, original_shapes: dict[str, torch.Size]) -> list[tuple[str, torch.Tensor, tuple, torch.dtype]]:
+def _entries(clip: nn.Module, original_shapes: dict[str, torch.Size]
+             ) -> list[tuple[str, torch.Tensor, tuple, torch.dtype]]:
     """(name, parameter or buffer, shape to write, dtype to write), in state_dict order."""
     params = dict(clip.named_parameters())
     buffers = {}
@@ -211,8 +213,8 @@ def _dir_is_shared(out_dir: Path) -> bool:
     return shared
 
 
-def _prepare_pretrained(pretrained: str | None, model_name: str, seed: int, out_dir: Path
-                        ) -> tuple[str, bool, bool]:
+def _prepare_pretrained(pretrained: str | None, model_name: str, seed: int, out_dir: Path,
+                        model_cfg=None) -> tuple[str, bool, bool]:
     """(path of the weights training started from, whether it is a temporary file to delete at the end, whether
     every rank can read it)."""
     rank, _ = _rank_world()
@@ -224,7 +226,7 @@ def _prepare_pretrained(pretrained: str | None, model_name: str, seed: int, out_
         from ..config import ModelConfig
         from ..model import create
         torch.manual_seed(seed)
-        base = create(ModelConfig(name=model_name, pretrained=pretrained or ""))[0]
+        base = create(model_cfg or ModelConfig(name=model_name, pretrained=pretrained or ""))[0]
         state = {k: v.float() if v.is_floating_point() else v for k, v in base.state_dict().items()}
         del base
         save_state(state, path)
@@ -246,27 +248,22 @@ def _check_pretrained(path: str, specs: list[tuple[str, tuple, torch.dtype]]) ->
         if name not in src.entries:
             return f"pre-trained weights {path} are of a different model: no tensor {name}"
         got = src.entries[name][0]
-        if _numel(got) != _numel(shape):
+        if math.prod(got) != math.prod(shape):
             return f"pre-trained weights {path} are of a different model: {name} has shape {list(got)} vs {list(shape)}"
     return None
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], model_name: str,
                    pretrained: str | None, alphas: Sequence[float], out_dir: str | os.PathLike, seed: int,
-                   *, force_streaming: bool = False) -> list[Path]:
+                   *, model_cfg=None, force_streaming: bool = False) -> list[Path]:
     """Write finetuned.safetensors and patched_alpha<A>.safetensors for every alpha into out_dir (collective).
 
     clip: the model the engine wraps (parameters under ZeRO management); original_shapes: what
     model.make_deepspeed_safe returned; pretrained: the local weights file training started from, or an open_clip
-    tag / None (then the seeded init is rebuilt with `seed`). Returns the written paths on every rank.
-    force_streaming: take the rank-0 streaming path even when out_dir is shared (tests, benchmarks).
+    tag / None (then the seeded init is rebuilt with `seed`).
+    model_cfg: the run's ModelConfig, if any: the init is then rebuilt exactly as training built it (e.g. its
+    precision_init). force_streaming: take the rank-0 streaming path even when out_dir is shared (tests).
+    Returns the written paths (they exist on rank 0's file system; on every rank when out_dir is shared).
     """
     rank, world = _rank_world()
     alphas = [check_alpha(a) for a in alphas]
@@ -277,20 +274,20 @@ def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], mode
     entries = _entries(clip, original_shapes)
     specs = [(name, shape, dtype) for name, _, shape, dtype in entries]
     shared = _dir_is_shared(out_dir) and not force_streaming
-    base, temporary = (None, False)
+    base, temporary, everywhere = None, False, True
     if alphas:
-        base, temporary, everywhere = _prepare_pretrained(pretrained, model_name, seed, out_dir)
-        shared = shared and everywhere  # a weights file only rank 0 sees: stream through rank 0
-        problem = _from_rank0(_check_pretrained(base, specs) if rank == 0 else None)
-        if problem:
-            raise PatchError(problem)
-    if world > 1 and not shared and rank == 0:
-        from ..log import warn_once
-        warn_once(f"{out_dir} or the pre-trained weights are not shared by all ranks (or streaming was forced): "
-                  f"streaming the export through rank 0, one parameter at a time")
+        base, temporary, everywhere = _prepare_pretrained(pretrained, model_name, seed, out_dir, model_cfg)
+    shared = shared and everywhere  # a weights file only rank 0 sees: stream through rank 0
     outputs: list[tuple[Path, float | None, dict[str, str]]] = [(out_dir / FINETUNED_NAME, None, {"model": model_name})]
     outputs += [(out_dir / patched_name(a), a, {"model": model_name, "alpha": str(a)}) for a in alphas]
     try:
+        problem = _from_rank0(_check_pretrained(base, specs) if rank == 0 and base else None)
+        if problem:
+            raise PatchError(problem)
+        if world > 1 and not shared and rank == 0:
+            from ..log import warn_once
+            warn_once(f"{out_dir} or the pre-trained weights are not shared by all ranks (or streaming was forced): "
+                      f"streaming the export through rank 0, one parameter at a time")
         if shared:
             _write_sharded(entries, specs, outputs, base, rank)
         else:
@@ -299,7 +296,7 @@ def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], mode
             from ..model import write_export_config
             write_export_config(out_dir, model_name)
     finally:
-        _barrier()
+        _barrier()  # every rank arrives here, having failed or not: no collective is left half-entered
         if temporary and rank == 0:
             Path(base).unlink(missing_ok=True)
     return [path for path, _, _ in outputs]
@@ -316,6 +313,7 @@ def _write_sharded(entries, specs, outputs, base: str | None, rank: int) -> None
     _barrier()
     fds = [os.open(partial_path(path), os.O_WRONLY) for path, _, _ in outputs]
     pre = SafetensorsSlices(base) if base else None
+    wrote_all = False
     try:
         for i, (name, tensor, _, dtype) in enumerate(entries):
             frag = local_fragment(tensor, rank) if isinstance(tensor, nn.Parameter) else \
@@ -334,12 +332,17 @@ def _write_sharded(entries, specs, outputs, base: str | None, rank: int) -> None
                     _pwrite_all(fd, v.to(dtype) if v.is_floating_point() else v, layout[i][3] + (start + lo) * size)
         for fd in fds:
             os.fsync(fd)
+        wrote_all = True
     finally:
         for fd in fds:
             os.close(fd)
         if pre is not None:
             pre.close()
-    _barrier()  # every rank's bytes are on disk before any file takes its final name
+        # every rank's bytes are on disk before any file takes its final name; a rank that failed says so here
+        # (and then raises), so no rank renames a file another rank did not finish
+        everyone = _agree(wrote_all)
+    if not everyone:
+        raise PatchError("export failed on another rank; the outputs were left under their .partial names")
     if rank == 0:
         for path, _, _ in outputs:
             os.replace(partial_path(path), path)
@@ -347,26 +350,32 @@ def _write_sharded(entries, specs, outputs, base: str | None, rank: int) -> None
 
 
 def _write_streamed(entries, specs, outputs, base: str | None, rank: int) -> None:
+    """Rank 0 writes every file alone; the other ranks contribute their fragment of one parameter at a time."""
     from .stream import StreamingSafetensorsWriter
     writers = [StreamingSafetensorsWriter(path, specs, meta) for path, _, meta in outputs] if rank == 0 else []
     pre = SafetensorsSlices(base) if rank == 0 and base else None
+    error: Exception | None = None
     try:
         for name, tensor, shape, dtype in entries:
             full = _full_tensor(tensor, rank) if isinstance(tensor, nn.Parameter) else \
                 (tensor.detach().reshape(-1).cpu() if rank == 0 else None)
-            if rank != 0:
-                continue
-            if full.is_floating_point():
-                pre_full = pre.read(name, 0, full.numel()) if pre is not None and len(outputs) > 1 else None
-                for w, (_, a, _) in zip(writers, outputs):
-                    w.write(name, (full if a is None else torch.lerp(pre_full, full, a)).to(dtype).reshape(shape))
-            else:
-                for w in writers:
-                    w.write(name, full.reshape(shape))
-        for w in writers:
-            w._f.flush()
-            os.fsync(w._f.fileno())
-            w.close()
+            if rank != 0 or error is not None:
+                continue  # a failed rank 0 still joins every gather, so the others do not wait forever
+            try:
+                if full.is_floating_point():
+                    pre_full = pre.read(name, 0, full.numel()) if pre is not None and len(outputs) > 1 else None
+                    for w, (_, a, _) in zip(writers, outputs):
+                        w.write(name, (full if a is None else torch.lerp(pre_full, full, a)).to(dtype).reshape(shape))
+                else:
+                    for w in writers:
+                        w.write(name, full.reshape(shape))
+            except Exception as e:  # e.g. a full disk: stop writing, keep the collectives in step
+                error = e
+        if error is None:
+            for w in writers:
+                w._f.flush()
+                os.fsync(w._f.fileno())
+                w.close()
     except BaseException:
         for w in writers:
             w.abort()
@@ -374,6 +383,12 @@ def _write_streamed(entries, specs, outputs, base: str | None, rank: int) -> Non
     finally:
         if pre is not None:
             pre.close()
+    if error is not None:
+        for w in writers:
+            w.abort()
+        raise error
+    if writers:
+        _fsync_dir(outputs[0][0].parent)
 
 
 def _fsync_dir(path: Path) -> None:
