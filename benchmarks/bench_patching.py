@@ -42,6 +42,30 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def gather_export(clip, original_shapes: dict, model_name: str, pretrained: str, alpha: float, out: Path,
+                  is_main: bool) -> None:
+    """The baseline: the end-of-run export before sharding. Every rank joins a gather of each parameter's fp32
+    master copy, rank 0 keeps all of them, rebuilds the pre-trained model and interpolates a whole state dict."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from clove_dist import model as cmodel
+    from clove_dist.config import ModelConfig
+    from clove_dist.patching import interpolate_state, patched_name, save_state
+    state = {}
+    for name, p in clip.named_parameters():
+        value = safe_get_full_fp32_param(p)
+        if is_main:
+            state[name] = value.float().cpu().clone()
+    if not is_main:
+        return
+    state = cmodel.restore_shapes(state, original_shapes)
+    out.mkdir(parents=True, exist_ok=True)
+    save_state(state, out / "finetuned.safetensors")
+    base = cmodel.create(ModelConfig(name=model_name, pretrained=pretrained))[0]
+    pre = {k: v.float() for k, v in base.state_dict().items()}
+    save_state(interpolate_state(pre, state, alpha), out / patched_name(alpha))
+
+
 def worker(model_name: str, stage: int, method: str, work: Path) -> None:
     import torch
 
@@ -50,7 +74,7 @@ def worker(model_name: str, stage: int, method: str, work: Path) -> None:
     from clove_dist.config import ModelConfig, load_config
     from clove_dist.loss import ContrastiveLoss
     from clove_dist.patching import export_sharded, save_state
-    from clove_dist.train import TrainStep, deepspeed_config, export, full_state_dict, param_groups
+    from clove_dist.train import TrainStep, deepspeed_config, param_groups
 
     torch.set_num_threads(1)
     env = cdist.setup("cpu", "gloo")
@@ -78,10 +102,7 @@ def worker(model_name: str, stage: int, method: str, work: Path) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
     t0 = time.perf_counter()
     if method == "gather":
-        state = full_state_dict(clip, original_shapes, keep=env.is_main)
-        if env.is_main:
-            export(cfg, out, state)
-        del state
+        gather_export(clip, original_shapes, model_name, str(pre), 0.6, out / "export", env.is_main)
     else:
         export_sharded(clip, original_shapes, model_name, str(pre), [0.6], out / "export", seed=0)
     cdist.barrier()
