@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import clove_dist.model  # noqa: F401  (registers clove-micro / clove-tiny with open_clip)
 from clove_dist.cli import main as cli_main
-from clove_dist.patching import patch_files, save_state, streaming_writer
+from clove_dist.patching import PatchError, patch_files, save_state, streaming_writer
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,19 @@ def test_export_sharded_without_distributed_equals_offline_patch(pair, tmp_path)
     got, want = load_file(str(paths[2])), load_file(str(offline))
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert all(torch.equal(load_file(str(paths[1]))[k], a[k]) for k in a)
+    # a .pt pre-trained file (with DDP's `module.` prefix) gives the same bytes through a temporary safetensors copy
+    torch.save({"module." + k: v for k, v in a.items()}, tmp_path / "a.pt")
+    pt_paths = export_sharded(clip, shapes, "clove-micro", str(tmp_path / "a.pt"), [0.6], tmp_path / "pt", seed=0)
+    got = load_file(str(pt_paths[1]))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(p.name for p in (tmp_path / "pt").iterdir()) == [
+        "finetuned.safetensors", "open_clip_config.json", patched_name(0.6)]
+    # pre-trained weights of another architecture: one-line error before anything is written
+    tiny = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("clove-tiny").state_dict().items()}, tiny)
+    with pytest.raises(PatchError, match="are of a different model"):
+        export_sharded(clip, shapes, "clove-micro", str(tiny), [0.6], tmp_path / "bad", seed=0)
+    assert not list((tmp_path / "bad").glob("*.safetensors*"))
     # no weights file: the pre-trained side is the init the seed gives, rebuilt, and its copy is removed
     paths = export_sharded(clip, shapes, "clove-micro", None, [0.0], tmp_path / "r", seed=0)
     got = load_file(str(paths[1]))

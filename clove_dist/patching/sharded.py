@@ -27,7 +27,8 @@ that one parameter) and rank 0 writes the files alone.
 
 When the run did not start from a local weights file (random init, or an open_clip tag), rank 0 rebuilds the
 weights training started from, seeded as training seeded them, and writes them once to a hidden file next to the
-outputs that every rank then reads like any pre-trained file (rank 0 briefly holds that one fp32 model).
+outputs that every rank then reads like any pre-trained file (rank 0 briefly holds that one fp32 model). A .pt/.bin
+file is likewise copied once, tensor by tensor, into such a hidden safetensors file.
 """
 from __future__ import annotations
 
@@ -218,10 +219,22 @@ def _prepare_pretrained(pretrained: str | None, model_name: str, seed: int, out_
     """(path of the weights training started from, whether it is a temporary file to delete at the end, whether
     every rank can read it)."""
     rank, _ = _rank_world()
-    if _from_rank0(bool(pretrained) and os.path.isfile(str(pretrained))):
-        return str(pretrained), False, _agree(os.path.isfile(str(pretrained)))
-    # random init or an open_clip tag: rebuild the seeded start of training once, on rank 0
     path = out_dir / _BASE_NAME
+    if _from_rank0(bool(pretrained) and os.path.isfile(str(pretrained))):
+        if str(pretrained).endswith(".safetensors"):
+            return str(pretrained), False, _agree(os.path.isfile(str(pretrained)))
+        # .pt/.bin: rank 0 copies it once, tensor by tensor, into safetensors, whose byte ranges pread can reach
+        problem = None
+        if rank == 0:
+            try:
+                _to_safetensors(str(pretrained), path)
+            except PatchError as e:
+                problem = str(e)
+        problem = _from_rank0(problem)
+        if problem:
+            raise PatchError(problem)
+        return str(path), True, _agree(path.is_file())
+    # random init or an open_clip tag: rebuild the seeded start of training once, on rank 0
     if rank == 0:
         from ..config import ModelConfig
         from ..model import create
@@ -233,6 +246,15 @@ def _prepare_pretrained(pretrained: str | None, model_name: str, seed: int, out_
         del state
     _barrier()
     return str(path), True, _agree(path.is_file())
+
+
+def _to_safetensors(source: str, path: Path) -> None:
+    from .stream import TensorSource, streaming_writer
+    src = TensorSource(source)
+    specs = [(k, *src.shape_dtype(k)) for k in src]
+    with streaming_writer(path, specs) as w:
+        for k in src:
+            w.write(k, src[k])
 
 
 def _check_pretrained(path: str, specs: list[tuple[str, tuple, torch.dtype]]) -> str | None:
