@@ -1,6 +1,6 @@
 """DeepSpeed checkpoints of any ZeRO stage and world size, read one parameter at a time.
 
-    source = DeepSpeedCheckpoint("runs/base/checkpoints")          # the tag in `latest`, or a tag directory
+    source = DeepSpeedCheckpoint("runs/base/checkpoints")   # the tag in `latest`; or a tag directory, or runs/base
     source["visual.conv1.weight"]                                   # fp32, assembled from every rank's partition
 
 A tag directory holds `*model_states.pt` (parameter names and shapes per optimizer group, buffers, ZeRO-0
@@ -110,6 +110,8 @@ class DeepSpeedCheckpoint(Mapping):
     def _resolve(path: Path) -> Path:
         if not path.is_dir():
             raise PatchError(f"{path} is not a DeepSpeed checkpoint directory")
+        if (path / "checkpoints" / "latest").is_file():  # a run directory
+            path = path / "checkpoints"
         if (path / "latest").is_file():
             tag = (path / "latest").read_text().strip()
             if not (path / tag).is_dir():
