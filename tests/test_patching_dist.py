@@ -1,8 +1,8 @@
-"""Sharded export on 2 gloo ranks with real DeepSpeed engines (ZeRO 1, 2, 3 with every parameter partitioned, and
-ZeRO-3 with small persistent parameters): the files every rank writes in place equal, bit for bit, what the offline
-streaming patch makes of the gathered weights; alpha 0 gives the pre-trained weights, alpha 1 the fine-tuned
-export; the rank-0 streaming fallback (forced, and detected for a directory that is not shared), the random-init
-path, an interrupted export and `clove-dist patch|export` of the 2-rank checkpoint agree with it.
+"""Sharded export on 2 gloo ranks with real DeepSpeed engines (ZeRO-0; ZeRO 1, 2, 3 with every parameter
+partitioned; ZeRO-3 with small persistent parameters): the files every rank writes in place equal, bit for bit,
+what the offline streaming patch makes of the gathered weights; alpha 0 gives the pre-trained weights, alpha 1
+the fine-tuned export; the rank-0 streaming fallback (forced, and detected for a directory that is not shared),
+the random-init path, an interrupted export and `clove-dist patch|export` of the 2-rank checkpoint agree with it.
 
 Run as a script by torchrun (see `_launch`), this file is the worker of each rank.
 """

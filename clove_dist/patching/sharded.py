@@ -155,7 +155,8 @@ def _full_shape(t: torch.Tensor) -> torch.Size:
 
 
 def local_fragment(p: torch.Tensor, rank: int) -> tuple[int, torch.Tensor] | None:
-    """(start, values): the fp32 master values of `p` this rank owns, as a flat range of the full tensor."""
+    """(start, values): the fp32 master values of `p` this rank owns, as a flat range of the full tensor (a view,
+    on the device where they live: the caller copies them to the host a chunk at a time)."""
     if hasattr(p, "ds_id"):  # ZeRO-3: the local partition, persistent small parameters included
         from deepspeed.utils import safe_get_local_fp32_param
         local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
@@ -164,14 +165,14 @@ def local_fragment(p: torch.Tensor, rank: int) -> tuple[int, torch.Tensor] | Non
         numel = min(part, p.ds_numel - start)
         if numel <= 0:
             return None
-        return start, local.detach().reshape(-1)[:numel].float().cpu()
+        return start, local.detach().reshape(-1)[:numel]
     if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 (and the bf16 optimizer): this rank's optimizer fragment
         mapping = p._hp_mapping
         if mapping is None:
             return None
-        return mapping.lp_fragment_address.start, mapping.hp_fragment.detach().reshape(-1).float().cpu()
+        return mapping.lp_fragment_address.start, mapping.hp_fragment.detach().reshape(-1)
     # no ZeRO partitioning: every rank holds the full tensor; rank 0 writes it
-    return (0, p.detach().reshape(-1).float().cpu()) if rank == 0 else None
+    return (0, p.detach().reshape(-1)) if rank == 0 else None
 
 
 def _full_tensor(p: torch.Tensor, rank: int) -> torch.Tensor | None:
@@ -343,10 +344,11 @@ def _write_sharded(entries, specs, outputs, base: str | None, rank: int) -> None
             if frag is None:
                 continue
             start, values = frag
-            size = values.element_size()
+            size = torch.empty((), dtype=dtype).element_size()
             # in chunks, so that the pre-trained slice and the lerp result stay small whatever the fragment
             for lo in range(0, values.numel(), CHUNK_NUMEL):
-                part = values[lo:lo + CHUNK_NUMEL]
+                part = values[lo:lo + CHUNK_NUMEL].cpu()
+                part = part.float() if part.is_floating_point() else part
                 pre_part = pre.read(name, start + lo, part.numel()) \
                     if pre is not None and len(outputs) > 1 and part.is_floating_point() else None
                 for fd, (_, layout), (_, a, _) in zip(fds, headers, outputs):
