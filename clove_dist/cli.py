@@ -8,7 +8,7 @@
     clove-dist export RUN/checkpoints --out F.safetensors   # any ZeRO stage / world size, one tensor at a time
     clove-dist sweep --model M --pretrained A --finetuned B --alphas 0:1:0.1 --sugarcrepe DIR --zeroshot DIR --out D
     clove-dist eval --model clove-tiny --pretrained C.safetensors --sugarcrepe DIR --zeroshot DIR [--out r.json]
-    clove-dist bench loss|negatives [args]            # benchmark scripts of a source checkout
+    clove-dist bench loss|negatives|patching [args]   # benchmark scripts of a source checkout
 
 Each subcommand is a `main(argv) -> int` of its own module; this file only dispatches.
 """

@@ -13,10 +13,12 @@ How (shared output directory, the usual case on a cluster file system):
 2. rank 0 creates each output under `<name>.partial`, writes the header and sizes the file; barrier;
 3. each rank takes the fp32 master values it owns (ZeRO-1/2: its optimizer fragment `p._hp_mapping`; ZeRO-3: its
    local partition, small persistent parameters included, padding cut off; no ZeRO: rank 0 holds everything),
-   reads the same element range of the pre-trained file with `pread` (no whole tensor, no whole file), lerps, and
-   `pwrite`s the bytes at their offset; fsync; barrier;
-4. rank 0 renames every `.partial` into place. An interrupted export leaves only `.partial` files; a rerun
-   recreates them from scratch.
+   reads the same element range of the pre-trained file with `pread`, lerps, and `pwrite`s the bytes at their
+   offset; fsync. (pread rather than a memory map: it reads exactly the slice, and no page of the file stays
+   mapped into the process's resident set.)
+4. the ranks agree that every one of them wrote all its ranges (an all-reduce, also reached by a rank that
+   failed); only then does rank 0 rename every `.partial` into place. An interrupted export leaves only
+   `.partial` files; a rerun recreates them from scratch.
 
 Peak extra host memory per rank: a pre-trained slice and a lerp result of at most CHUNK_NUMEL elements each (the
 fragment itself is a view of the optimizer's fp32 partition on CPU), far below one model.

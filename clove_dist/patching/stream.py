@@ -1,15 +1,14 @@
-"""Patching by weight interpolation, and open_clip-loadable exports.
+"""Streaming interpolation of two weight sources into safetensors, and the safetensors layout itself.
 
     w = (1 - alpha) * w_pretrained + alpha * w_finetuned        (alpha = 0.6 in the paper)
 
-    clove-dist patch --pretrained base.safetensors --finetuned run/export/finetuned.safetensors --alpha 0.6 \\
-        --out patched.safetensors
+    patch_files("base.safetensors", "runs/clove/checkpoints", 0.6, "patched.safetensors")
     open_clip.create_model("ViT-B-32", pretrained="patched.safetensors")
 
-The offline command streams tensor by tensor: both inputs are memory-mapped (safetensors, or torch.load with
-mmap=True for .pt/.bin), the output header is written first and each interpolated tensor is appended as soon as it
-is computed, so peak memory is about one tensor, not one model. The output goes to a temporary name and is renamed
-at the end: an interrupted patch never leaves a half-written file under the final name.
+Tensor by tensor: both inputs are memory-mapped (safetensors, torch.load with mmap=True for .pt/.bin, DeepSpeed
+checkpoints through checkpoint.py), the output header is written first and each interpolated tensor is appended as
+soon as it is computed, so peak memory is about one tensor, not one model. The output goes to a temporary name and
+is renamed at the end: an interrupted patch never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
