@@ -81,8 +81,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ys = [100 * r["sugarcrepe"] for r in pts]
     ax.plot(xs, ys, "-", color="0.6", zorder=1)
     sc = ax.scatter(xs, ys, c=[r["alpha"] for r in pts], cmap="viridis", zorder=2)
+    labels: dict[tuple[float, float], list[str]] = {}  # alphas that land on the same point share one label
     for x, y, r in zip(xs, ys, pts):
-        ax.annotate(f"α={r['alpha']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        labels.setdefault((round(x, 6), round(y, 6)), []).append(f"{r['alpha']:g}")
+    for (x, y), alphas in labels.items():
+        ax.annotate("α=" + ", ".join(alphas), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     fig.colorbar(sc, ax=ax, label="alpha (weight of the fine-tuned model)")
     ax.set_xlabel("zero-shot top-1 (%)")
     ax.set_ylabel("SugarCrepe average (%)")
