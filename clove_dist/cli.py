@@ -4,10 +4,12 @@
     clove-dist world --out data/world                 # the synthetic world: shards and every evaluation set
     clove-dist train --config configs/debug.yaml [--set optim.lr=1e-5 ...]
     clove-dist negatives --shards 'data/world/train/{00000..00003}.tar' --workers 2
-    clove-dist patch --pretrained A --finetuned B --alpha 0.6 --out C.safetensors
+    clove-dist patch --pretrained A --finetuned B|RUN/checkpoints --alpha 0.6 --out C.safetensors
+    clove-dist export RUN/checkpoints --out F.safetensors   # any ZeRO stage / world size, one tensor at a time
+    clove-dist sweep --model M --pretrained A --finetuned B --alphas 0:1:0.1 --sugarcrepe DIR --zeroshot DIR --out D
     clove-dist eval --model clove-tiny --pretrained C.safetensors --sugarcrepe DIR --zeroshot DIR \\
         --retrieval DIR --aro DIR [--no-strict] [--out r.json]
-    clove-dist bench loss|negatives [args]            # benchmark scripts of a source checkout
+    clove-dist bench loss|negatives|patching|compile|startup [args]   # benchmark scripts of a source checkout
 
 Each subcommand is a `main(argv) -> int` of its own module; this file only dispatches.
 """
@@ -26,7 +28,9 @@ COMMANDS = {
     "world": ("clove_dist.data.synthetic", "write the synthetic compositional world"),
     "train": ("clove_dist.train", "train (single process, torchrun or srun)"),
     "negatives": ("clove_dist.negatives.precompute", "parse captions once and write negatives sidecars"),
-    "patch": ("clove_dist.patching", "interpolate pre-trained and fine-tuned weights"),
+    "patch": ("clove_dist.patching.commands:patch_main", "interpolate pre-trained and fine-tuned weights"),
+    "export": ("clove_dist.patching.commands:export_main", "write a DeepSpeed checkpoint's weights as safetensors"),
+    "sweep": ("clove_dist.patching.sweep:main", "evaluate many alphas; plot compositionality vs zero-shot"),
     "eval": ("clove_dist.cli", "evaluate a model on SugarCrepe, ARO, zero-shot and retrieval sets"),
     "bench": ("clove_dist.cli", "run a benchmark script of a source checkout"),
 }
@@ -117,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if name == "bench":
         return bench_main(rest)
     import importlib
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    module_name, _, func = COMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module_name), func or "main")(rest)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ def test_time_limit_preempts_requeues_and_resumes(world, tmp_path, request):
         pytest.skip(reason)
     repo = request.config.rootpath
     log = tmp_path / "job.out"
-    steps = 300  # about 1.5 allotments of 2 minutes for 2 CPU ranks of clove-micro (~3 steps/s on 2 cores)
+    # about 2 allotments of 2 minutes on a quiet 2-core machine (6 steps/s measured; 3-4 when it is busy, then
+    # it takes 3-4 allotments)
+    steps = 600
     cmd = ["sbatch", "--wait", "--time=2", "--signal=B:USR1@30", "--ntasks-per-node", "2", "--cpus-per-task", "1",
            "--gpus-per-node", "0", f"--output={log}", "slurm/train.sh", "configs/debug.yaml",
            "--set", "run.device=cpu", "--set", f"data.train_shards={world.train_pattern}",

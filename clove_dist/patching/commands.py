@@ -1,0 +1,78 @@
+"""`clove-dist patch` and `clove-dist export`: offline, one tensor at a time, from weights files or checkpoints.
+
+    clove-dist patch --pretrained base.safetensors --finetuned runs/base/checkpoints/step000001000 --alpha 0.6 \\
+        --out patched.safetensors
+    clove-dist patch --pretrained base.safetensors --finetuned runs/base/export/finetuned.safetensors \\
+        --alpha 0.2 0.4 0.6 --out patched/              # one patched_alpha<A>.safetensors per alpha
+    clove-dist export runs/base/checkpoints --out finetuned.safetensors      # the tag in `latest`, any ZeRO stage
+
+Inputs: .safetensors/.pt/.bin weights, a DeepSpeed checkpoint directory (any stage, any world size), or the
+consolidated file DeepSpeed's zero_to_fp32 writes. Outputs load with `open_clip.create_model(name,
+pretrained=path)`. Every check (alpha, architectures, existing outputs) runs before the first byte is written.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import entry_point
+from .checkpoint import open_clip_shape
+from .stream import (PatchError, check_alpha, check_compatible, check_output, open_weights, patch_files,
+                     patched_name, streaming_writer)
+
+
+@entry_point
+def patch_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clove-dist patch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pretrained", required=True, help="pre-trained weights (.safetensors/.pt/.bin)")
+    ap.add_argument("--finetuned", required=True,
+                    help="fine-tuned weights of the same architecture, or a DeepSpeed checkpoint directory")
+    ap.add_argument("--alpha", type=float, nargs="+", default=[0.6], help="interpolation weight(s) of the fine-tuned")
+    ap.add_argument("--out", required=True,
+                    help="output .safetensors (several alphas: a directory receiving patched_alpha<A>.safetensors)")
+    ap.add_argument("--allow-extrapolation", action="store_true", help="accept alphas outside [0, 1]")
+    ap.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    args = ap.parse_args(argv)
+    alphas = [check_alpha(a, args.allow_extrapolation) for a in args.alpha]
+    if len(alphas) == 1 and str(args.out).endswith(".safetensors"):
+        outs = [Path(args.out)]
+    else:
+        if Path(args.out).is_file():
+            raise PatchError(f"--out {args.out} is a file; several alphas need a directory")
+        outs = [Path(args.out) / patched_name(a) for a in alphas]
+    for out in outs:
+        check_output(out, args.overwrite)
+    check_compatible(open_weights(args.pretrained), open_weights(args.finetuned),
+                     shape_of=lambda src, k: src.shape_dtype(k)[0])
+    for a, out in zip(alphas, outs):
+        patch_files(args.pretrained, args.finetuned, a, str(out), allow_extrapolation=args.allow_extrapolation,
+                    overwrite=True)
+        print(out)
+    return 0
+
+
+def export_file(source: str, out: str, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """The fp32 weights of a checkpoint (or weights file) as one open_clip-loadable .safetensors."""
+    check_output(out, overwrite)
+    src = open_weights(source)
+    # logit_scale as open_clip shapes it (0-dim), whatever shape DeepSpeed gave it ([1])
+    specs = [(k, open_clip_shape(k, src.shape_dtype(k)[0]), src.shape_dtype(k)[1]) for k in src]
+    with streaming_writer(out, specs, {"source": str(source)}) as w:
+        for k, shape, _ in tqdm(specs, desc="export", unit="tensor", disable=not progress):
+            w.write(k, src[k].reshape(shape))
+    return Path(out)
+
+
+@entry_point
+def export_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clove-dist export",
+                                 description="Write the fp32 weights of a DeepSpeed checkpoint as .safetensors.")
+    ap.add_argument("checkpoint", help="a run's checkpoints/ directory (its `latest` tag) or one tag directory, "
+                                       "or zero_to_fp32's consolidated file")
+    ap.add_argument("--out", required=True, help="output .safetensors")
+    ap.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    args = ap.parse_args(argv)
+    print(export_file(args.checkpoint, args.out, overwrite=args.overwrite))
+    return 0
