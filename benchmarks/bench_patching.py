@@ -74,7 +74,8 @@ def worker(model_name: str, stage: int, method: str, work: Path) -> None:
     from clove_dist.config import ModelConfig, load_config
     from clove_dist.loss import ContrastiveLoss
     from clove_dist.patching import export_sharded, save_state
-    from clove_dist.train import TrainStep, deepspeed_config, param_groups
+    from clove_dist.train import TrainStep, param_groups
+    from clove_dist.zero import deepspeed_config
 
     torch.set_num_threads(1)
     env = cdist.setup("cpu", "gloo")
@@ -90,7 +91,7 @@ def worker(model_name: str, stage: int, method: str, work: Path) -> None:
     cfg = load_config(None, [f"distributed.zero_stage={stage}", "data.batch_size=1", "run.device=cpu",
                              f"model.name={model_name}", f"model.pretrained={pre}", "patching.alphas=[0.6]",
                              f"run.output_dir={work}", "run.name=gather"])
-    ds_cfg = deepspeed_config(cfg, torch.device("cpu"))  # the project's engine config (ZeRO-3: threshold 10,000)
+    ds_cfg = deepspeed_config(cfg.distributed, cfg.data.batch_size, cfg.optim.grad_clip, torch.device("cpu"))  # the project's engine config (ZeRO-3: threshold 10,000)
     step_module = TrainStep(clip, ContrastiveLoss("chunked", 100.0, 64))
     optimizer = torch.optim.AdamW(param_groups(clip, 0.1), lr=1e-5)
     engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=ds_cfg,

@@ -46,6 +46,7 @@ from .errors import UserError, entry_point
 from .log import log
 from .loss import ContrastiveLoss
 from .preemption import PREEMPTED_EXIT, Preemption, requeue_slurm_job
+from .patching import export_sharded
 from .reporting import build_reporters, hard_negative_stats, neg_metrics
 
 UNIVERSAL_CHECKPOINT_VERSION = 0.4  # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE (0.19)
@@ -107,24 +108,6 @@ def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
         progress = min(1.0, (step - warmup) / span)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
-
-
-def export(cfg: Config, run_dir: Path, state: dict[str, torch.Tensor]) -> list[Path]:
-    """Write finetuned + patched safetensors (rank 0 only); returns the written paths."""
-    from .patching import interpolate_state, patched_name, save_state
-    out = run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    written = [save_state(state, out / "finetuned.safetensors", {"model": cfg.model.name})]
-    cmodel.write_export_config(out, cfg.model.name)
-    if cfg.patching.alphas:
-        torch.manual_seed(cfg.run.seed)  # with no pretrained weights: the same random init training started from
-        base, *_ = cmodel.create(cfg.model)  # the weights training started from (tag or local file)
-        pre = {k: v.float() for k, v in base.state_dict().items()}
-        for alpha in cfg.patching.alphas:
-            patched = interpolate_state(pre, state, alpha)
-            written.append(save_state(patched, out / patched_name(alpha),
-                                      {"model": cfg.model.name, "alpha": str(alpha)}))
-    return written
 
 
 def write_run_config(cfg: Config, run_dir: Path, resumed_tag: str | None) -> None:
@@ -370,10 +353,11 @@ class Trainer:
         cfg, env = self.cfg, self.env
         written: list[Path] = []
         if cfg.patching.export:
-            state = zero.full_fp32_state(self.engine, self.clip, keep=env.is_main)
-            if env.is_main:
-                written = export(cfg, self.run_dir, cmodel.restore_shapes(state, self.original_shapes))
-                log("exported: " + ", ".join(str(p) for p in written))
+            # every rank writes the byte ranges of the fp32 master values it owns: no rank holds a whole model
+            written = export_sharded(self.clip, self.original_shapes, cfg.model.name, cfg.model.pretrained or None,
+                                     cfg.patching.alphas, self.run_dir / "export", seed=cfg.run.seed,
+                                     model_cfg=cfg.model, engine=self.engine)
+            log("exported: " + ", ".join(str(p) for p in written))
         # Only rank 0 evaluates; the other ranks leave rather than wait in a collective that could time out.
         e = cfg.eval
         if env.is_main and written and (e.sugarcrepe_dir or e.zeroshot_dir or e.retrieval_dir or e.aro_dir):

@@ -69,22 +69,29 @@ def compute_dtype(ds_cfg: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def _zero0_master(engine: Any, param: nn.Parameter) -> torch.Tensor | None:
-    """The fp32 copy FP16_Optimizer / FP16_UnfusedOptimizer keep of `param` (ZeRO-0 with bf16/fp16), or None."""
+def zero0_masters(engine: Any) -> dict[int, torch.Tensor]:
+    """id(param) -> the fp32 copy FP16_Optimizer / FP16_UnfusedOptimizer keep of it (ZeRO-0 with bf16/fp16);
+    empty in every other mode."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     opt = getattr(engine, "optimizer", None)
-    lp_groups = getattr(opt, "fp16_groups", None)
-    if not lp_groups:
-        return None
+    masters: dict[int, torch.Tensor] = {}
+    if not isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):  # ZeRO optimizers name groups alike
+        return masters
+    lp_groups = opt.fp16_groups
     for i, group in enumerate(lp_groups):
         offset = 0
         for j, p in enumerate(group):
-            if p is param:
-                if hasattr(opt, "fp32_groups"):
-                    return opt.fp32_groups[i][j]
-                flat = opt.fp32_groups_flat[i]  # fused: one flat fp32 tensor per group, params back to back
-                return flat.narrow(0, offset, p.numel()).view(p.shape)
+            if hasattr(opt, "fp32_groups"):
+                masters[id(p)] = opt.fp32_groups[i][j]
+            else:  # fused: one flat fp32 tensor per group, params back to back
+                masters[id(p)] = opt.fp32_groups_flat[i].narrow(0, offset, p.numel()).view(p.shape)
             offset += p.numel()
-    return None
+    return masters
+
+
+def _zero0_master(engine: Any, param: nn.Parameter) -> torch.Tensor | None:
+    return zero0_masters(engine).get(id(param))
 
 
 def local_master(engine: Any, param: nn.Parameter) -> tuple[torch.Tensor, Any]:

@@ -33,7 +33,8 @@ def worker(variant: str, root: Path) -> None:
     from clove_dist.loss import ContrastiveLoss
     from clove_dist.patching import export_sharded, save_state
     from clove_dist.patching import sharded as sharded_mod
-    from clove_dist.train import TrainStep, deepspeed_config, param_groups
+    from clove_dist.train import TrainStep, param_groups
+    from clove_dist.zero import deepspeed_config
 
     env = cdist.setup("cpu", "gloo")
     import deepspeed
@@ -43,8 +44,9 @@ def worker(variant: str, root: Path) -> None:
         save_state({k: v.float() for k, v in clip.state_dict().items()}, root / "pre.safetensors")
     cdist.barrier()
     original_shapes = cmodel.make_deepspeed_safe(clip)
-    cfg = load_config(None, [f"distributed.zero_stage={stage}", "data.batch_size=4", "run.device=cpu"])
-    ds_cfg = deepspeed_config(cfg, torch.device("cpu"))
+    cfg = load_config(None, [f"distributed.zero_stage={stage}", "data.batch_size=4", "run.device=cpu",
+                                "distributed.precision=fp32"])
+    ds_cfg = deepspeed_config(cfg.distributed, cfg.data.batch_size, cfg.optim.grad_clip, torch.device("cpu"))
     if variant == "3":
         ds_cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
     step_module = TrainStep(clip, ContrastiveLoss("chunked", 100.0, 64))
@@ -56,7 +58,7 @@ def worker(variant: str, root: Path) -> None:
         images = torch.randn(4, 3, 32, 32, generator=gen)
         texts = torch.randint(1, 49408, (4, 16), generator=gen)
         negatives = torch.randint(1, 49408, (2, 16), generator=gen)
-        loss, _ = engine(images, texts, negatives, torch.tensor([True, env.rank == 0]))
+        loss, _, _ = engine(images, texts, negatives, torch.tensor([True, env.rank == 0]), torch.tensor([0, 1]))
         engine.backward(loss)
         engine.step()
     engine.save_checkpoint(str(root / "checkpoints"), tag="final")

@@ -280,7 +280,7 @@ def _check_pretrained(path: str, specs: list[tuple[str, tuple, torch.dtype]]) ->
 
 def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], model_name: str,
                    pretrained: str | None, alphas: Sequence[float], out_dir: str | os.PathLike, seed: int,
-                   *, model_cfg=None, force_streaming: bool = False) -> list[Path]:
+                   *, model_cfg=None, force_streaming: bool = False, engine: Any = None) -> list[Path]:
     """Write finetuned.safetensors and patched_alpha<A>.safetensors for every alpha into out_dir (collective).
 
     clip: the model the engine wraps (parameters under ZeRO management); original_shapes: what
@@ -288,6 +288,8 @@ def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], mode
     tag / None (then the seeded init is rebuilt with `seed`).
     model_cfg: the run's ModelConfig, if any: the init is then rebuilt exactly as training built it (e.g. its
     precision_init). force_streaming: take the rank-0 streaming path even when out_dir is shared (tests).
+    engine: the DeepSpeed engine, whose ZeRO-0 bf16/fp16 optimizer keeps the fp32 master copies outside the
+    parameters (clove_dist.zero.zero0_masters): those are exported, not the rounded working copies.
     Returns the written paths (they exist on rank 0's file system; on every rank when out_dir is shared).
     """
     rank, world = _rank_world()
@@ -297,6 +299,10 @@ def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], mode
         out_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
     entries = _entries(clip, original_shapes)
+    if engine is not None:
+        from ..zero import zero0_masters
+        masters = zero0_masters(engine)
+        entries = [(name, masters.get(id(t), t), shape, dtype) for name, t, shape, dtype in entries]
     specs = [(name, shape, dtype) for name, _, shape, dtype in entries]
     shared = _dir_is_shared(out_dir) and not force_streaming
     base, temporary, everywhere = None, False, True
