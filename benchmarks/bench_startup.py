@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--stages", default="1,3")
     ap.add_argument("--workdir", default="", help="where the weights file and shards go (default: a temp dir)")
+    ap.add_argument("--reduce-bucket-size", type=int, default=50_000_000,
+                    help="distributed.reduce_bucket_size of both stages (ZeRO-3 allocates its reduce bucket at start-up: "
+                         "on CPU it is host memory, on a GPU device memory)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clove-startup-"))
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                "model": {"name": args.model, "pretrained": str(weights)},
                "data": {"train_shards": world.train_pattern, "batch_size": 2, "num_workers": 0},
                "negatives": {"style": "none"}, "checkpoint": {"resume": "none"},
-               "distributed": {"zero_stage": stage, "precision": "fp32", "stage3_param_persistence_threshold": 0}}
+               "distributed": {"zero_stage": stage, "precision": "fp32", "stage3_param_persistence_threshold": 0,
+                               "reduce_bucket_size": args.reduce_bucket_size}}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
                "--master_port", str(29000 + stage * 7 + os.getpid() % 500), __file__, "--rank-main", json.dumps(cfg)]
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -96,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS_DIR / "startup_memory.md").write_text(
             f"# Start-up memory per rank: ZeRO-1 vs ZeRO-3\n\n{context_header(ctx)}\n\n"
             f"`python benchmarks/bench_startup.py --model {args.model} --ranks {args.ranks}`: the trainer's build "
-            f"phase (model from a local file of random weights, engine, loader), fp32, CPU, gloo; peak RSS "
-            f"(ru_maxrss) of each rank after deepspeed.initialize.\n\n{table}\n{summary}")
+            f"phase (model from a local file of random weights, engine, loader), fp32, CPU, gloo, "
+            f"reduce_bucket_size {args.reduce_bucket_size:,} elements for both stages (ZeRO-3 allocates its reduce "
+            f"bucket at start-up; with DeepSpeed's default of 5e8 fp32 elements that is 2 GB of host memory on CPU, "
+            f"device memory on a GPU); peak RSS (ru_maxrss) of each rank after deepspeed.initialize.\n\n{table}\n"
+            f"{summary}")
     return 0
 
 

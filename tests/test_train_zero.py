@@ -87,3 +87,36 @@ def test_every_stage_reaches_the_same_weights(world, tmp_path):
         records = _records(tmp_path / f"z{stage}")
         assert [r["step"] for r in records if "event" not in r] == [1, 2, 3, 4]
         assert [(r["event"], r["step"]) for r in records if "event" in r] == [("resumed", 2)]
+
+
+def test_two_ranks_evaluate_during_training_and_report(world, tmp_path):
+    """eval.every_steps on 2 ranks: rank 0 evaluates the gathered weights while the other waits without a
+    collective; every metric goes to metrics.jsonl and TensorBoard (read back from the event file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = train_args(world, tmp_path, "--set", "train.max_steps=4", "--set", "eval.every_steps=2",
+                      "--set", f"eval.sugarcrepe_dir={world.sugarcrepe_dir}", "--set", "eval.batch_size=16",
+                      "--set", f"eval.retrieval_dir={world.retrieval_dir}", "--set", "negatives.style=both",
+                      "--set", "run.report_to=[jsonl, tensorboard]", "--set", "distributed.zero_stage=3",
+                      "--set", "distributed.stage3_param_persistence_threshold=0")
+    _run_many(tmp_path, [args])
+    run = tmp_path / "debug"
+    assert sorted(p.name for p in (run / "eval").glob("step_*.json")) == ["step_00000002.json",
+                                                                        "step_00000004.json"]
+    records = _records(run)
+    steps = [r for r in records if "event" not in r and "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        # the two directions average to the loss; the watch metrics are there
+        assert (r["loss_i2t"] + r["loss_t2i"]) / 2 == pytest.approx(r["loss"], rel=1e-4)
+        assert {"data_wait_s", "compute_s", "samples_per_s_per_device", "lr", "logit_scale"} <= r.keys()
+    assert any("neg_acc" in r and 0 <= r["neg_acc"] <= 1 for r in steps)  # swaps exist for the shape captions
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [2, 4]
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert any(t.startswith("eval/") for t in tags)
+    logged = {r["step"]: r["loss"] for r in steps}
+    for e in acc.Scalars("train/loss"):
+        assert e.value == pytest.approx(logged[e.step], rel=1e-6)  # float32 in the event file
