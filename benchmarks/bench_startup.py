@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reduce-bucket-size", type=int, default=50_000_000,
                     help="distributed.reduce_bucket_size of both stages (ZeRO-3 allocates its reduce bucket at start-up: "
                          "on CPU it is host memory, on a GPU device memory)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clove-startup-"))
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                "model": {"name": args.model, "pretrained": str(weights)},
                "data": {"train_shards": world.train_pattern, "batch_size": 2, "num_workers": 0},
                "negatives": {"style": "none"}, "checkpoint": {"resume": "none"},
-               "distributed": {"zero_stage": stage, "precision": "fp32", "stage3_param_persistence_threshold": 0,
+               "distributed": {"zero_stage": stage, "precision": args.precision, "stage3_param_persistence_threshold": 0,
                                "reduce_bucket_size": args.reduce_bucket_size}}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
                "--master_port", str(29000 + stage * 7 + os.getpid() % 500), __file__, "--rank-main", json.dumps(cfg)]
@@ -85,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in proc.stdout.splitlines():
             if line.startswith("STARTUP "):
                 r = json.loads(line[8:])
-                rows.append({**ctx, "model": args.model, "ranks": args.ranks, "zero_stage": stage,
+                rows.append({**ctx, "model": args.model, "ranks": args.ranks, "precision": args.precision,
+                             "zero_stage": stage,
                              "rank": r["rank"], "params": r["params"], "peak_rss_gib": round(r["peak_gib"], 3)})
     rows.sort(key=lambda r: (r["zero_stage"], r["rank"]))
     by_stage = {s: max(r["peak_rss_gib"] for r in rows if r["zero_stage"] == s) for s in {r["zero_stage"] for r in rows}}
-    table = markdown_table(rows, ["model", "ranks", "zero_stage", "rank", "params", "peak_rss_gib"])
+    table = markdown_table(rows, ["model", "ranks", "precision", "zero_stage", "rank", "params", "peak_rss_gib"])
     summary = ""
     if 1 in by_stage and 3 in by_stage:
         summary = (f"\nHighest rank peak, ZeRO-3 / ZeRO-1: {by_stage[3]:.2f} / {by_stage[1]:.2f} GiB = "
@@ -97,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table + summary)
     if not args.no_save:
         append_csv(RESULTS_DIR / "startup_memory.csv", rows)
-        (RESULTS_DIR / "startup_memory.md").write_text(
-            f"# Start-up memory per rank: ZeRO-1 vs ZeRO-3\n\n{context_header(ctx)}\n\n"
+        md = RESULTS_DIR / "startup_memory.md"
+        md.write_text((md.read_text() + "\n" if md.exists() else "") +
+            f"## Start-up memory per rank: ZeRO-1 vs ZeRO-3, {args.precision}\n\n{context_header(ctx)}\n\n"
             f"`python benchmarks/bench_startup.py --model {args.model} --ranks {args.ranks}`: the trainer's build "
-            f"phase (model from a local file of random weights, engine, loader), fp32, CPU, gloo, "
+            f"phase (model from a local file of random weights, engine, loader), {args.precision}, CPU, gloo, "
             f"reduce_bucket_size {args.reduce_bucket_size:,} elements for both stages (ZeRO-3 allocates its reduce "
             f"bucket at start-up; with DeepSpeed's default of 5e8 fp32 elements that is 2 GB of host memory on CPU, "
             f"device memory on a GPU); peak RSS (ru_maxrss) of each rank after deepspeed.initialize.\n\n{table}\n"

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import fsync_dir
 from .stream import (_ST_DTYPES, PatchError, check_alpha, partial_path, patched_name, safetensors_header,
                      save_state)
 
@@ -378,7 +379,7 @@ def _write_sharded(entries, specs, outputs, base: str | None, rank: int) -> None
     if rank == 0:
         for path, _, _ in outputs:
             os.replace(partial_path(path), path)
-        _fsync_dir(outputs[0][0].parent)
+        fsync_dir(outputs[0][0].parent)
 
 
 def _write_streamed(entries, specs, outputs, base: str | None, rank: int) -> None:
@@ -420,12 +421,4 @@ def _write_streamed(entries, specs, outputs, base: str | None, rank: int) -> Non
             w.abort()
         raise error
     if writers:
-        _fsync_dir(outputs[0][0].parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(outputs[0][0].parent)
