@@ -67,15 +67,26 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str], *, device: st
     return torch.cat(chunks)
 
 
-def encode_image_batches(model, batches: Iterable[torch.Tensor], *, device: str | torch.device = "cpu"
-                         ) -> torch.Tensor:
-    """(N, D) fp32 L2-normalised image features on the CPU from an iterable of (B, 3, H, W) batches."""
+def encode_images(model, images: Iterable[torch.Tensor], batch_size: int, *, device: str | torch.device = "cpu"
+                  ) -> torch.Tensor:
+    """(N, D) fp32 L2-normalised image features on the CPU from an iterable of (3, H, W) images, encoded
+    batch_size at a time (the loaders only decide which images, in which order)."""
     dtype = model_dtype(model)
-    chunks = [F.normalize(model.encode_image(b.to(device=device, dtype=dtype)).float(), dim=-1).cpu()
-              for b in batches]
+    chunks, batch = [], []
+    for image in images:
+        batch.append(image)
+        if len(batch) == batch_size:
+            chunks.append(_encode_image_batch(model, torch.stack(batch), device, dtype))
+            batch = []
+    if batch:
+        chunks.append(_encode_image_batch(model, torch.stack(batch), device, dtype))
     if not chunks:
         return torch.empty(0, 0)
     return torch.cat(chunks)
+
+
+def _encode_image_batch(model, batch: torch.Tensor, device, dtype) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
+    return F.normalize(model.encode_image(batch.to(device=device, dtype=dtype)).float(), dim=-1).cpu()
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -140,4 +151,4 @@ def headline_metrics(results: dict) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if v is not None}
 
 
-__all__ = ["evaluate_all", "headline_metrics", "encode_texts", "encode_image_batches", "eval_mode", "model_dtype"]
+__all__ = ["evaluate_all", "headline_metrics", "encode_texts", "encode_images", "eval_mode", "model_dtype"]

@@ -46,7 +46,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from . import _check_batch_size, encode_images, encode_texts, eval_mode
 from .aro_order import OrderPerturber
 from .sharding import Shard, gather_rows
 from .wds_layout import check_missing_share, describe_kind
@@ -113,22 +113,16 @@ def _open_image(path: Path, box: tuple | None, preprocess: Callable) -> torch.Te
         return None
 
 
-def _image_batches(keys: list[tuple[str, tuple | None]], preprocess: Callable, batch_size: int,
-                   loaded: list[int], desc: str, progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
-    batch: list[torch.Tensor] = []
+def _images(keys: list[tuple[str, tuple | None]], preprocess: Callable,
+            loaded: list[int], desc: str, progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
     for i, key in enumerate(tqdm(keys, desc=desc, disable=not progress)):
         if shard is not None and not shard.mine(i):
             continue
         tensor = _open_image(Path(key[0]), key[1], preprocess)
         if tensor is None:
             continue
-        batch.append(tensor)
         loaded.append(i)
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
+        yield tensor
 
 
 def _score(model, preprocess: Callable, tokenizer: Callable, examples: list[tuple[tuple, list[str]]], *,
@@ -139,8 +133,8 @@ def _score(model, preprocess: Callable, tokenizer: Callable, examples: list[tupl
     keys = sorted({key for key, _ in examples}, key=repr)
     loaded: list[int] = []
     with eval_mode(model):
-        image_features = encode_image_batches(
-            model, _image_batches(keys, preprocess, batch_size, loaded, f"{desc} images", progress, shard),
+        image_features = encode_images(
+            model, _images(keys, preprocess, loaded, f"{desc} images", progress, shard), batch_size,
             device=device)  # (num_loaded, D)
         loaded, image_features, _ = gather_rows(loaded, image_features, [None] * len(loaded), shard)
         index = {keys[j]: i for i, j in enumerate(loaded)}

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from . import _check_batch_size, encode_images, encode_texts, eval_mode
 from .sharding import Shard, gather_rows, sum_counts
 from .wds_layout import ShardDamage, check_missing_share, dataset_type, describe_kind, image_bytes, samples, shards
 
@@ -63,12 +63,11 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ..
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def _load(shard_paths: list[Path], preprocess: Callable, batch_size: int, captions: list[list[str]],
+def _load(shard_paths: list[Path], preprocess: Callable, captions: list[list[str]],
           loaded: list[int], stats: dict[str, int], damage: ShardDamage, progress: bool, shard: Shard | None
           ) -> Iterator[torch.Tensor]:
-    """Yield (B, 3, H, W) batches of readable images (this rank's share); append each one's captions to
+    """Yield each readable (3, H, W) image of this rank's share; append each one's captions to
     `captions` and its sample index to `loaded`, in order."""
-    batch: list[torch.Tensor] = []
     for i, (_key, sample) in enumerate(tqdm(samples(shard_paths, damage), desc="retrieval images",
                                             disable=not progress)):
         if shard is not None and not shard.mine(i):
@@ -88,14 +87,9 @@ def _load(shard_paths: list[Path], preprocess: Callable, batch_size: int, captio
         except (UnidentifiedImageError, OSError):
             stats["num_skipped"] += 1
             continue
-        batch.append(tensor)
         captions.append(text.splitlines())
         loaded.append(i)
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
+        yield tensor
 
 
 def check_directory(root: Path) -> None:
@@ -126,8 +120,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     stats = {"num_samples": 0, "num_skipped": 0}
     damage = ShardDamage()
     with eval_mode(model):
-        image_features = encode_image_batches(
-            model, _load(shard_paths, preprocess, batch_size, captions, loaded, stats, damage, progress, shard),
+        image_features = encode_images(
+            model, _load(shard_paths, preprocess, captions, loaded, stats, damage, progress, shard), batch_size,
             device=device)  # (I, D)
         _, image_features, captions = gather_rows(loaded, image_features, captions, shard)
         stats = sum_counts(stats, shard)

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from . import _check_batch_size, encode_images, encode_texts, eval_mode
 from .sharding import Shard, gather_rows
 from .wds_layout import check_missing_share, describe_kind
 
@@ -86,10 +86,9 @@ def load(data_dir: str | os.PathLike) -> tuple[dict[str, list[tuple[str, str, st
     return examples, malformed, missing
 
 
-def _image_batches(names: list[str], image_dir: Path, preprocess: Callable, batch_size: int, loaded: list[int],
-                   progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
-    """Yield (B, 3, H, W) batches of the readable images (this rank's share), appending each one's index."""
-    batch: list[torch.Tensor] = []
+def _images(names: list[str], image_dir: Path, preprocess: Callable, loaded: list[int],
+            progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
+    """Yield each readable (3, H, W) image of this rank's share, appending its index."""
     for i, name in enumerate(tqdm(names, desc="sugarcrepe images", disable=not progress)):
         if shard is not None and not shard.mine(i):
             continue
@@ -99,13 +98,8 @@ def _image_batches(names: list[str], image_dir: Path, preprocess: Callable, batc
                 tensor = preprocess(img.convert("RGB"))
         except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError):
             continue
-        batch.append(tensor)
         loaded.append(i)
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
+        yield tensor
 
 
 def _mean(values: list[float]) -> float | None:
@@ -131,8 +125,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     unique_images = sorted({name for rows in examples.values() for name, _, _ in rows})
     loaded: list[int] = []
     with eval_mode(model):
-        image_features = encode_image_batches(
-            model, _image_batches(unique_images, images_root, preprocess, batch_size, loaded, progress, shard),
+        image_features = encode_images(
+            model, _images(unique_images, images_root, preprocess, loaded, progress, shard), batch_size,
             device=device)  # (num_loaded, D)
         loaded, image_features, _ = gather_rows(loaded, image_features, [None] * len(loaded), shard)
         image_index = {unique_images[j]: i for i, j in enumerate(loaded)}

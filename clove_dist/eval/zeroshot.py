@@ -34,7 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from . import _check_batch_size, encode_image_batches, encode_texts, eval_mode
+from . import _check_batch_size, encode_images, encode_texts, eval_mode
 from .sharding import Shard, gather_rows, sum_counts
 from .wds_layout import (IMAGE_EXTENSIONS, ShardDamage, check_missing_share, dataset_type, describe_kind, image_bytes,
                          samples, shards)
@@ -52,10 +52,9 @@ def read_classnames(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _image_batches(shard_paths: list[Path], preprocess: Callable, num_classes: int, batch_size: int,
-                   labels: list[int], loaded: list[int], counts: dict[str, int], damage: ShardDamage,
-                   progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
-    batch: list[torch.Tensor] = []
+def _images(shard_paths: list[Path], preprocess: Callable, num_classes: int,
+            labels: list[int], loaded: list[int], counts: dict[str, int], damage: ShardDamage,
+            progress: bool, shard: Shard | None) -> Iterator[torch.Tensor]:
     for i, (_key, sample) in enumerate(tqdm(samples(shard_paths, damage), desc="zeroshot images",
                                             disable=not progress)):
         if shard is not None and not shard.mine(i):
@@ -75,14 +74,9 @@ def _image_batches(shard_paths: list[Path], preprocess: Callable, num_classes: i
         except (UnidentifiedImageError, OSError):
             counts["num_skipped"] += 1
             continue
-        batch.append(tensor)
         labels.append(label)
         loaded.append(i)
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
+        yield tensor
 
 
 def classifier(model, tokenizer: Callable, classnames: list[str], templates: list[str] | tuple[str, ...], *,
@@ -148,10 +142,9 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
     with eval_mode(model):
         weights = classifier(model, tokenizer, classnames, templates, device=device, batch_size=batch_size,
                              progress=progress, shard=shard)  # (C, D)
-        feats = encode_image_batches(
-            model, _image_batches(shard_paths, preprocess, len(classnames), batch_size, labels, loaded, counts,
-                                  damage, progress, shard),
-            device=device)  # (N, D)
+        feats = encode_images(
+            model, _images(shard_paths, preprocess, len(classnames), labels, loaded, counts, damage, progress,
+                                  shard), batch_size, device=device)  # (N, D)
     _, feats, labels = gather_rows(loaded, feats, labels, shard)
     counts = sum_counts(counts, shard)
     if damage.note():

@@ -40,6 +40,7 @@ import os
 import secrets
 import struct
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
