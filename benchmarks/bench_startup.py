@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in proc.stdout.splitlines():
             if line.startswith("STARTUP "):
                 r = json.loads(line[8:])
-                rows.append({**ctx, "model": args.model, "ranks": args.ranks, "precision": args.precision,
-                             "zero_stage": stage,
-                             "rank": r["rank"], "params": r["params"], "peak_rss_gib": round(r["peak_gib"], 3)})
+                rows.append({**ctx, "model": args.model, "ranks": args.ranks, "zero_stage": stage,
+                             "rank": r["rank"], "params": r["params"], "peak_rss_gib": round(r["peak_gib"], 3),
+                             "precision": args.precision, "reduce_bucket_size": args.reduce_bucket_size})
     rows.sort(key=lambda r: (r["zero_stage"], r["rank"]))
     by_stage = {s: max(r["peak_rss_gib"] for r in rows if r["zero_stage"] == s) for s in {r["zero_stage"] for r in rows}}
     table = markdown_table(rows, ["model", "ranks", "precision", "zero_stage", "rank", "params", "peak_rss_gib"])
