@@ -77,9 +77,15 @@ def test_time_limit_preempts_requeues_and_resumes(world, tmp_path, request):
         pytest.skip(reason)
     repo = request.config.rootpath
     log = tmp_path / "job.out"
-    # about 2 allotments of 2 minutes on a quiet 2-core machine (6 steps/s measured; 3-4 when it is busy, then
-    # it takes 3-4 allotments)
-    steps = 600
+    # Steps per second vary 3x with the machine's load (3-10 measured here): calibrate with a short 2-rank run,
+    # then ask for about 2.5 allotments of training (an allotment trains ~55 s: USR1 came ~70 s into a 2-minute
+    # job, start-up takes ~15 s), so at least one requeue happens unless the job runs 2.5x faster than measured.
+    from launch import torchrun, train_args
+    calib = tmp_path / "calibrate"
+    torchrun(2, "-m", "clove_dist.train", *train_args(world, calib, "--set", "train.max_steps=60",
+                                                      "--set", "run.log_every=20", "--set", "patching.export=false"))
+    rates = [r["samples_per_s"] / (2 * 8) for r in _events(calib / "debug")[0]][1:]  # after the first window
+    steps = int(2.5 * 55 * sorted(rates)[len(rates) // 2])
     cmd = ["sbatch", "--wait", "--time=2", "--signal=B:USR1@30", "--ntasks-per-node", "2", "--cpus-per-task", "1",
            "--gpus-per-node", "0", f"--output={log}", "slurm/train.sh", "configs/debug.yaml",
            "--set", "run.device=cpu", "--set", f"data.train_shards={world.train_pattern}",
