@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from .errors import UserError
 from .log import log
 
 MANIFEST = "manifest.json"
+TAG_PATTERN = re.compile(r"step\d{9}")
 UNIVERSAL_SUFFIX = "_universal"
 
 
@@ -109,8 +111,9 @@ class Checkpointer:
         """Tags with a manifest, oldest first."""
         if not self.directory.is_dir():
             return []
+        # only real tags: not `<tag>_universal`, nor a `.deleting` / `.tmp` left by a kill
         return sorted(p.name for p in self.directory.glob("step*")
-                      if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX) and (p / MANIFEST).is_file())
+                      if TAG_PATTERN.fullmatch(p.name) and p.is_dir() and (p / MANIFEST).is_file())
 
     def latest(self) -> str | None:
         """The tag `latest` names, or the newest complete tag when `latest` is missing or names no directory."""
@@ -135,9 +138,12 @@ class Checkpointer:
         for f in tag_dir.rglob("*"):
             if f.is_file():
                 fsync_file(f)
-        cdist.barrier()  # every rank's shards are durable before the manifest says the checkpoint is complete
+        # every rank's shards are durable before the manifest says the checkpoint is complete; each rank lists what
+        # it sees (node-local directories, attribute caches), rank 0 records the union
+        files = cdist.gather_objects(_files(tag_dir))
         if is_main:
-            manifest = {"step": step, "world_size": cdist.world_size(), "files": _files(tag_dir),
+            listed = {name: size for part in files for name, size in part.items()}
+            manifest = {"step": step, "world_size": cdist.world_size(), "files": listed,
                         **{k: client_state[k] for k in ("zero_stage", "model") if k in client_state}}
             write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
             write_atomic(self.directory / "latest", tag)

@@ -111,6 +111,8 @@ def gpus_requested() -> str | None:
 
 def cuda_index(local_rank: int, local_world_size: int, device_count: int) -> int:
     """The GPU of a rank; refuses to put two ranks of one node on the same GPU."""
+    if device_count == 1:  # one GPU bound to each task (--gpus-per-task 1, --gpu-bind): each sees its own as 0
+        return 0
     if local_world_size > device_count:
         raise UserError(f"{local_world_size} ranks on this node but {device_count} GPU(s) visible: start one task "
                         f"per GPU (e.g. sbatch --ntasks-per-node {device_count}) or expose more GPUs")
@@ -123,6 +125,10 @@ def pick_device(device: str, local_rank: int, local_world_size: int = 1) -> torc
         raise UserError(f"GPUs were asked for ({asked}) but CUDA is not available on this machine "
                         f"(torch {torch.__version__}); set run.device: cpu to train on CPU")
     if device in ("cuda", "auto") and torch.cuda.is_available():
+        on_node = os.environ.get("SLURM_GPUS_ON_NODE", "")
+        if on_node.isdigit() and 0 < int(on_node) < local_world_size:
+            raise UserError(f"{local_world_size} ranks on this node but SLURM allocated {on_node} GPU(s) to it: "
+                            f"start one task per GPU (e.g. sbatch --ntasks-per-node {on_node})")
         torch.cuda.set_device(cuda_index(local_rank, local_world_size, torch.cuda.device_count()))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -153,7 +159,8 @@ def setup(device: str = "auto", backend: str = "auto", timeout_minutes: int = 30
 
 def from_rank0(fn):
     """fn() evaluated on rank 0 and broadcast, so that every rank takes the same branch (e.g. of a file read).
-    A UserError raised on rank 0 is raised on every rank, so no rank waits for the others in vain."""
+    An error raised on rank 0 is raised on every rank (a UserError as itself, any other as one UserError line),
+    so no rank waits for the others in vain."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return fn()
     box: list = [None]
@@ -162,6 +169,8 @@ def from_rank0(fn):
             box = [("ok", fn())]
         except UserError as e:
             box = [("error", e)]
+        except Exception as e:  # an OSError reading the disk, say: every rank stops with the same line
+            box = [("error", UserError(f"{type(e).__name__}: {e}"))]
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
@@ -209,10 +218,24 @@ def merge_counts(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_max_ints(values: list[int], device: torch.device) -> list[int]:
+    """The elementwise largest of a few integers over ranks: one all-reduce."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
 def all_max_int(value: int, device: torch.device) -> int:
     """The largest of an integer over ranks."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return all_max_ints([value], device)[0]

@@ -1,8 +1,9 @@
 """Preemption: a signal asks the run to stop; at the next step boundary every rank agrees, saves and exits.
 
-    stop = Preemption.install()              # SIGUSR1 (SLURM's warning before the time limit) and SIGTERM
+    stop = Preemption.install()              # SIGUSR1 (SLURM's warning before the time limit), SIGTERM, SIGUSR2
     ...
-    if stop.agreed(device):                  # once per step, on every rank: one 1-element all-reduce
+    code = all_max(stop.code)                # once per step, on every rank: one small all-reduce
+    if Preemption.name(code):                # the same answer on every rank
         save a checkpoint; exit with PREEMPTED_EXIT
 
 The handler only records the signal: nothing unsafe runs inside it. A signal reaches the ranks at different moments
@@ -17,7 +18,9 @@ This module imports nothing heavy for that reason.
 slurm/train.sh asks SLURM for SIGUSR1 some minutes before the time limit (`#SBATCH --signal=B:USR1@...`) and
 forwards it to the training tasks. Once every rank has saved, rank 0 requeues the job (`scontrol requeue`: SLURM's
 `--requeue` alone does not requeue a job that reaches its time limit); the requeued job resumes at the step saved
-here. SIGTERM (scancel, a node drain) saves the same way; requeueing is then SLURM's decision. Outside SLURM the
+here. SIGTERM saves the same way, without a requeue. Under srun a SIGTERM must not reach srun itself (it kills the
+tasks): slurm/train.sh turns a SIGTERM it gets into SIGUSR2 for the tasks, which counts as SIGTERM here, and the
+graceful stop of a job is `scancel --batch --signal=TERM JOBID` (`scancel JOBID` alone signals srun too). Outside SLURM the
 process exits with PREEMPTED_EXIT.
 """
 from __future__ import annotations
@@ -26,10 +29,11 @@ import signal
 from typing import Any
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)
 # Agreement codes, the largest wins: a warning before the time limit (requeue) outranks a plain stop request.
-_CODES = {"SIGTERM": 1, "SIGUSR1": 2}
-_NAMES = {v: k for k, v in _CODES.items()}
+# SIGUSR2 is how slurm/train.sh passes a SIGTERM on: srun turns a SIGTERM it receives into SIGKILL of its tasks.
+_CODES = {"SIGTERM": 1, "SIGUSR2": 1, "SIGUSR1": 2}
+_NAMES = {1: "SIGTERM", 2: "SIGUSR1"}
 
 
 class Preemption:
@@ -53,10 +57,14 @@ class Preemption:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name
 
-    def agreed(self, device: Any) -> str | None:
-        """Collective: on every rank, the signal some rank received (SIGUSR1 before SIGTERM), or None."""
-        from .dist import all_max_int
-        code = all_max_int(_CODES.get(self.received or "", 0), device)
+    @property
+    def code(self) -> int:
+        """This rank's request as a number to MAX-reduce over ranks (0: none)."""
+        return _CODES.get(self.received or "", 0)
+
+    @staticmethod
+    def name(code: int) -> str | None:
+        """The signal a MAX-reduced code stands for, or None."""
         return _NAMES.get(code)
 
     def uninstall(self) -> None:

@@ -141,6 +141,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.step = 0
+        self.global_batch = self.schedule_batch = 1
         self.samples_seen = 0
         self.skipped: dict[str, int] = {}
         self.epoch = 0  # one-pass mode: this rank's pass over the shards
@@ -163,10 +164,8 @@ class Trainer:
         self.found = cdist.from_rank0(lambda: self.ckpt.find(cfg.checkpoint.resume))  # one reading of the disk
         env = self.env
         log(f"{env.launcher}: {env.world_size} rank(s) on {env.device}; run directory {self.run_dir}")
-        global_batch = cfg.data.batch_size * env.world_size
-        self.total_steps = math.ceil(cfg.train.total_samples / global_batch)
-        if cfg.train.max_steps:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.global_batch = cfg.data.batch_size * env.world_size
+        self.schedule_batch = self.global_batch  # the global batch the lr schedule counts steps in (see _lr)
 
         ds_cfg = zero.deepspeed_config(cfg.distributed, cfg.data.batch_size, cfg.optim.grad_clip, env.device)
         torch.manual_seed(cfg.run.seed)
@@ -182,18 +181,23 @@ class Trainer:
         step_module = TrainStep(self.clip, ContrastiveLoss.from_config(cfg.loss))
         optimizer = torch.optim.AdamW(param_groups(self.clip, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.optim.warmup_steps, self.total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr)
         load_tag = self._resume_tag(ds_cfg)
         self.dtype = zero.compute_dtype(ds_cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_cfg, dist_init_required=False)
         if self.found:
             self._load(load_tag)
+        # Counted from the samples still to draw, so a run resumed on another number of ranks draws
+        # train.total_samples in all, not that many steps of another size.
+        remaining = max(0, cfg.train.total_samples - self.samples_seen)
+        self.total_steps = self.step + math.ceil(remaining / self.global_batch)
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
         if env.is_main:
             self.ckpt.directory.mkdir(parents=True, exist_ok=True)
             write_run_config(cfg, self.run_dir, self.found[1] if self.found else None)
-        if self.found and env.is_main:
+        if env.is_main:  # also a run killed before its first checkpoint starts the file anew
             dropped = cckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             if dropped:
                 log(f"dropped {dropped} metric line(s) logged after the checkpoint of step {self.step}")
@@ -204,12 +208,28 @@ class Trainer:
         self.evaluator.forget_after(self.step, env.is_main)
         self._build_loader()
 
+    def _lr(self, _step: int) -> float:
+        """Multiplier of the peak lr for the next step, by samples drawn so far: the schedule's steps are of the
+        global batch the run started with, so resuming on another number of ranks continues the same curve."""
+        o, t = self.cfg.optim, self.cfg.train
+        schedule_steps = math.ceil(t.total_samples / self.schedule_batch)
+        if t.max_steps:
+            schedule_steps = min(schedule_steps, t.max_steps)
+        return lr_lambda(o.warmup_steps, schedule_steps, o.schedule, o.min_lr_ratio)(
+            self.samples_seen / self.schedule_batch)
+
     def _resume_tag(self, ds_cfg: dict[str, Any]) -> str | None:
         """The tag the engine loads; a checkpoint of another world size goes through the universal format."""
         if not self.found:
             return None
         directory, tag, manifest = self.found
         written_by = int(manifest.get("world_size", self.env.world_size))
+        stage = manifest.get("zero_stage", self.cfg.distributed.zero_stage)
+        if stage != self.cfg.distributed.zero_stage:
+            raise cckpt.CheckpointError(f"checkpoint {directory / tag} was written with ZeRO stage {stage}; this run "
+                                        f"has distributed.zero_stage={self.cfg.distributed.zero_stage}: resume with "
+                                        f"stage {stage}, or start from its weights (clove-dist export, then "
+                                        f"model.pretrained)")
         if written_by == self.env.world_size or manifest.get("zero_stage") == 0:  # ZeRO-0 saves whole states
             return tag
         log(f"checkpoint {directory / tag} was written by {written_by} rank(s); resuming on {self.env.world_size}")
@@ -223,13 +243,14 @@ class Trainer:
         try:
             load_path, client = self.engine.load_checkpoint(str(directory), tag=tag)
             self.step, self.samples_seen = client["step"], client["samples_seen"]
-        except (RuntimeError, KeyError, TypeError, ValueError, AssertionError) as e:
+        except (RuntimeError, KeyError, TypeError, ValueError, AssertionError, OSError) as e:
             raise UserError(f"checkpoint {where} cannot resume this run ({self.cfg.model.name}): "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
         if load_path is None:
             raise UserError(f"checkpoint {where} could not be loaded")
         # the counts saved are already summed over ranks: rank 0 carries them on, the others start at zero
         self.skipped = dict(client.get("skipped", {})) if self.env.is_main else {}
+        self.schedule_batch = int(client.get("schedule_batch", self.global_batch))
         self.epoch = int(client.get("epoch", -1)) + 1  # a one-pass epoch cut by the checkpoint is not resumed
         self.saved_step = self.step
         log(f"resumed from {load_path} at step {self.step}")
@@ -243,31 +264,43 @@ class Trainer:
         self.batches_from_loader = 0
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def next_batch(self) -> dict[str, Any]:
+    def next_batch(self) -> dict[str, Any] | None:
+        """The next batch; None when a whole one-pass epoch gave this rank none (the step's agreement then stops
+        every rank with one line, instead of this rank retrying while the others wait in a collective)."""
         while True:
             try:
                 batch = next(self.batches)
             except StopIteration:  # one-pass mode: start this rank's next epoch
-                if self.batches_from_loader == 0:
-                    cfg, env = self.cfg, self.env
-                    raise UserError(f"data.train_shards gave rank {env.rank} no full batch of {cfg.data.batch_size} "
-                                    f"(one pass over the shards, {env.world_size} rank(s), {cfg.data.num_workers} "
-                                    f"worker(s) each): too few samples or shards, or every sample skipped") from None
                 self.epoch += 1
+                empty = self.batches_from_loader == 0
                 self._build_loader()
+                if empty:
+                    return None
                 continue
             self.batches_from_loader += 1
             return batch
+
+    def agree(self, batch: dict[str, Any] | None) -> str | None:
+        """Collective, once per step: one MAX all-reduce of (stop signal, starved rank) so that every rank takes
+        the same branch; returns the signal some rank received, or None."""
+        signal_code = self.preemption.code if self.preemption is not None else 0
+        code, starved = cdist.all_max_ints([signal_code, int(batch is None)], self.env.device)
+        if starved:
+            cfg, env = self.cfg, self.env
+            raise UserError(f"data.train_shards gave a rank no full batch of {cfg.data.batch_size} (one pass over "
+                            f"the shards, {env.world_size} rank(s), {cfg.data.num_workers} worker(s) each): too few "
+                            f"samples or shards, or every sample skipped")
+        return Preemption.name(code)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         for k, v in batch["stats"].items():
             self.skipped[k] = self.skipped.get(k, 0) + v
         loss, scale, self.watch = self.engine(*_move(batch, self.env.device, self.dtype))
         self.engine.backward(loss)
+        self.samples_seen += batch["num_samples"] * self.env.world_size  # before step(): the lr schedule reads it
         self.engine.step()
         zero.clamp_logit_scale(self.engine, self.clip.logit_scale, self.cfg.loss.max_logit_scale)
         self.step += 1
-        self.samples_seen += batch["num_samples"] * self.env.world_size
         return loss, scale
 
     def log_step(self, loss: torch.Tensor, scale: torch.Tensor, batch: dict[str, Any], lr: float,
@@ -299,14 +332,16 @@ class Trainer:
         state = cmodel.restore_shapes(state, self.original_shapes) if keep else None
         try:
             self.evaluator.run(self.step, state, is_main=self.env.is_main, reporter=self.reporter)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(f"eval at step {self.step}: {e}") from None
+        except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as e:  # EvaluationFailed too
+            raise UserError(f"eval at step {self.step}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            ) from None
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, {
             "step": self.step, "samples_seen": self.samples_seen, "skipped": cdist.merge_counts(self.skipped),
             "epoch": cdist.all_max_int(self.epoch, self.env.device), "world_size": self.env.world_size,
             "zero_stage": self.cfg.distributed.zero_stage, "model": self.cfg.model.name,
+            "schedule_batch": self.schedule_batch,
             # what DeepSpeed's ds_to_universal needs to convert the checkpoint for another world size
             "universal_checkpoint_info": {"universal_checkpoint_version": UNIVERSAL_CHECKPOINT_VERSION}})
         self.saved_step = self.step
@@ -318,7 +353,10 @@ class Trainer:
         window = {"t": time.perf_counter(), "samples": 0, "steps": 0, "wait": 0.0, "compute": 0.0}
         try:
             while self.step < self.total_steps:
-                signame = self.preemption.agreed(self.env.device) if self.preemption is not None else None
+                t0 = time.perf_counter()
+                batch = self.next_batch()
+                t1 = time.perf_counter()
+                signame = self.agree(batch)
                 if signame:
                     log(f"preempted by {signame} at step {self.step}: saving a checkpoint")
                     if self.saved_step != self.step:
@@ -326,9 +364,6 @@ class Trainer:
                     self.reporter.event("preempted", self.step, signal=signame)
                     cdist.barrier()  # everything is on disk on every rank before any rank exits or requeues
                     raise Preempted(signame)
-                t0 = time.perf_counter()
-                batch = self.next_batch()
-                t1 = time.perf_counter()
                 lr = self.engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
                 loss, scale = self.train_step(batch)
                 window["wait"] += t1 - t0
@@ -365,9 +400,12 @@ class Trainer:
         return written
 
     def is_complete(self) -> bool:
-        """A resumed run whose last checkpoint is its final step and whose exports are on disk."""
-        exports = self.run_dir / "export" / "finetuned.safetensors"
-        return bool(self.found) and self.step >= self.total_steps and (exports.is_file() or not self.cfg.patching.export)
+        """A resumed run whose last checkpoint is its final step and whose every export is on disk."""
+        from .patching import patched_name
+        export = self.run_dir / "export"
+        names = ["finetuned.safetensors"] + [patched_name(a) for a in self.cfg.patching.alphas]
+        exported = not self.cfg.patching.export or all((export / n).is_file() for n in names)
+        return bool(self.found) and self.step >= self.total_steps and exported
 
     def summary(self, written: list[Path], **extra: Any) -> dict[str, Any]:
         return {"steps": self.step, "samples": self.samples_seen, "loss": self.loss_value,
@@ -385,21 +423,25 @@ def train(cfg: Config, handle_signals: bool = False) -> dict[str, Any]:
         return trainer.summary([], complete=True)
     trainer.preemption = Preemption.install() if handle_signals else None
     try:
-        trainer.loop()
-    except Preempted as e:
-        requeued = False
-        if str(e) == "SIGUSR1" and trainer.env.launcher == "slurm" and trainer.env.is_main:
-            problem = requeue_slurm_job()
-            requeued = problem is None
-            log(f"requeued SLURM job {os.environ.get('SLURM_JOB_ID')}: it resumes at step {trainer.step}"
-                if requeued else f"WARNING: could not requeue: {problem}; resubmit to resume")
-        cdist.barrier()  # no rank exits (and so ends the job step) before rank 0 has requeued the job
-        return trainer.summary([], preempted=str(e), requeued=requeued)
+        try:
+            trainer.loop()
+        except Preempted as e:
+            requeued = False
+            if str(e) == "SIGUSR1" and "SLURM_JOB_ID" in os.environ and trainer.env.is_main:
+                problem = requeue_slurm_job()
+                requeued = problem is None
+                log(f"requeued SLURM job {os.environ.get('SLURM_JOB_ID')}: it resumes at step {trainer.step}"
+                    if requeued else f"WARNING: could not requeue: {problem}; resubmit to resume")
+            cdist.barrier()  # no rank exits (and so ends the job step) before rank 0 has requeued the job
+            return trainer.summary([], preempted=str(e), requeued=requeued)
+        # A stop signal during the export is recorded and ignored: the run is at its last step, and an export cut
+        # short by the default action would leave .partial files for the next submission to redo.
+        written = trainer.finish()
     finally:
         if trainer.preemption is not None:
             trainer.preemption.uninstall()
         trainer.reporter.close()
-    return trainer.summary(trainer.finish())
+    return trainer.summary(written)
 
 
 def evaluate_exports(cfg: Config, run_dir: Path, exports: list[Path], device: torch.device) -> Path:

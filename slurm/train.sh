@@ -13,7 +13,8 @@
 # Preemption: SLURM sends SIGUSR1 to this script 300 s before the time limit (--signal=B:USR1@SECONDS to change the
 # lead time: enough for one step and one checkpoint write). It is forwarded to the training tasks, which agree at the
 # next step and save a checkpoint; then rank 0 requeues the job (scontrol requeue), which resumes at that step. The
-# log of every restart is appended to the same file. SIGTERM (scancel, a drain) saves the same way, no requeue.
+# log of every restart is appended to the same file. To stop a job with a checkpoint and no requeue:
+# `scancel --batch --signal=TERM JOBID` (this script passes it on as SIGUSR2: srun turns a SIGTERM into SIGKILL).
 #
 # Set CLOVE_PYTHON to choose the interpreter and CLOVE_MASTER_PORT the rendezvous port (default: 20000 + job id %
 # 20000).
@@ -54,12 +55,12 @@ echo "clove: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), $SLURM_NTASK
 # srun runs in the background so that this shell can take signals while training runs (bash runs a trap only
 # between commands: a foreground srun would hold it until the end).
 srun_pid=""
-forward() {  # $1: signal name
+forward() {  # $1: signal received, $2: signal the tasks get (srun passes USR1/USR2 on; it answers TERM with KILL)
   echo "clove: got SIG$1, telling the training tasks to checkpoint and stop"
-  [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null || true
+  [ -n "$srun_pid" ] && kill -s "$2" "$srun_pid" 2>/dev/null || true
 }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+trap 'forward USR1 USR1' USR1
+trap 'forward TERM USR2' TERM
 
 srun --kill-on-bad-exit=1 "$PYTHON" -m clove_dist.train --config "$CONFIG" "$@" &
 srun_pid=$!

@@ -36,6 +36,7 @@ def test_tasks_per_node_from_slurm(monkeypatch):
 
 def test_more_ranks_than_gpus_is_one_line():
     assert cdist.cuda_index(3, 4, 8) == 3
+    assert cdist.cuda_index(5, 8, 1) == 0  # one GPU bound to each task: every task sees its own as device 0
     with pytest.raises(UserError, match="8 ranks on this node but 4 GPU"):
         cdist.cuda_index(0, 8, 4)
 

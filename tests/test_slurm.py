@@ -109,3 +109,36 @@ def test_time_limit_preempts_requeues_and_resumes(world, tmp_path, request):
         assert preempted["signal"] == "SIGUSR1" and resumed["step"] == preempted["step"]
     assert "(restart 1)" in output and "requeued SLURM job" in output
     assert (tmp_path / "debug" / "export" / "finetuned.safetensors").is_file()
+
+
+def test_scancel_term_saves_and_stops(world, tmp_path, request):
+    """`scancel --batch --signal=TERM`: the batch script passes it on as SIGUSR2 (srun would answer a SIGTERM by
+    killing its tasks); every rank saves at the next step and the job ends without a requeue."""
+    import time
+    reason = _cluster_reason()
+    if reason:
+        pytest.skip(reason)
+    log = tmp_path / "job.out"
+    cmd = ["sbatch", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--gpus-per-node", "0", "--time=10",
+           f"--output={log}", "slurm/train.sh", "configs/debug.yaml", "--set", "run.device=cpu",
+           "--set", f"data.train_shards={world.train_pattern}", "--set", f"run.output_dir={tmp_path}",
+           "--set", "model.name=clove-micro", "--set", "data.batch_size=8", "--set", "data.num_workers=0",
+           "--set", "negatives.style=none", "--set", "run.log_every=1", "--set", "train.max_steps=100000",
+           "--set", "train.total_samples=100000000", "--set", "checkpoint.every_steps=0"]
+    proc = subprocess.run(cmd, cwd=request.config.rootpath, env=dict(os.environ, DS_ACCELERATOR="cpu"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[-1]
+    metrics = tmp_path / "debug" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(1)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
+    state = _wait_for_job(job, timeout_s=300)
+    output = log.read_text() if log.exists() else ""
+    steps, events = _events(tmp_path / "debug")
+    assert [(e["event"], e["signal"]) for e in events] == [("preempted", "SIGTERM")], output[-3000:]
+    stopped = events[0]["step"]
+    assert (tmp_path / "debug" / "checkpoints" / f"step{stopped:09d}" / "manifest.json").is_file()
+    assert steps[-1]["step"] == stopped and "(restart 1)" not in output
+    assert state == "FAILED" and "exit status 75" in output  # stopped for a retry later, not complete
