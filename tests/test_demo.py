@@ -12,8 +12,9 @@ pytestmark = pytest.mark.slow
 
 def test_small_demo(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli_main(["demo", "--out", str(out), "--num-train", "256", "--num-eval", "8", "--base-steps", "4",
-                   "--clove-steps", "3", "--batch-size", "16", "--workers", "0"])
+    rc = cli_main(["demo", "--out", str(out), "--num-train", "256", "--num-pretrain", "128", "--num-eval", "8",
+                   "--num-zeroshot-per-class", "1", "--base-steps", "4", "--clove-steps", "3", "--batch-size", "16",
+                   "--workers", "0"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     table = (out / "results.md").read_text()
@@ -24,7 +25,21 @@ def test_small_demo(tmp_path, capsys):
         res = json.loads((out / f"eval_alpha{a}.json").read_text())
         assert 0.0 <= res["sugarcrepe"]["average"] <= 1.0 and 0.0 <= res["zeroshot"]["top1"] <= 1.0
         assert (out / f"patched_alpha{a}.safetensors").is_file()
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["alpha"]) for r in rows] == [("base (alpha 0)", 0.0), ("CLoVe (alpha 0.6)", 0.6),
+                                                        ("fine-tuned (alpha 1)", 1.0)]
+    for r, a in zip(rows, ("0", "0.6", "1")):  # percent, the same numbers as the per-model evaluation files
+        res = json.loads((out / f"eval_alpha{a}.json").read_text())
+        assert r["sugarcrepe_avg"] == round(100 * res["sugarcrepe"]["average"], 2)
+        assert r["zeroshot_top1"] == round(100 * res["zeroshot"]["top1"], 2)
+    base_metrics = [json.loads(x) for x in (out / "runs" / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert base_metrics[-1].get("negatives", 0) == 0  # the base saw no hard negatives
     clove_metrics = [json.loads(x) for x in (out / "runs" / "clove" / "metrics.jsonl").read_text().splitlines()]
     assert clove_metrics[-1]["negatives"] > 0  # the fine-tuning stage trained with hard negatives
     assert clove_metrics[-1]["negatives_num_cached_parse"] > 0  # ... read from the sidecars, not parsed again
     assert sorted(p.name for p in (out / "world" / "train").glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
+    assert sorted(p.name for p in (out / "world" / "pretrain").glob("*.tar")) == [f"{i:05d}.tar" for i in range(2)]
+    # `clove-dist negatives` wrote the corpus vocabulary and the fine-tuning run restricted REPLACE to it.
+    assert (out / "world" / "train" / "negatives.vocab.json").is_file()
+    resolved = (out / "runs" / "clove" / "config.yaml").read_text()
+    assert "negatives.vocab.json" in resolved
