@@ -80,6 +80,40 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+# The paper's ablations, each a fine-tuning run from the same base with one change (Table 4 of the paper).
+ABLATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("without hard negatives", ("negatives.style=none",)),
+    ("alt-text instead of synthetic captions", ("data.caption_key=txt",)),
+    ("REPLACE negatives only", ("negatives.style=replace",)),
+    ("swap negatives only", ("negatives.style=swap",)),
+)
+
+
+def _ablations(config: Path, common: list[str], world, base_weights: str, vocabulary: Path,
+               rows: list[dict[str, Any]], args, out: Path) -> str:
+    """Fine-tune once per ablation; the table holds each at alpha 1 and patched at 0.6, next to full CLoVe."""
+    from .patching import patch_files
+    table = [{**rows[1], "model": "CLoVe (REPLACE + swaps, synthetic captions)"},
+             {**rows[2], "model": "CLoVe without patching"}]
+    for i, (name, overrides) in enumerate(ABLATIONS):
+        t = _stage(f"ablation {i + 1}/{len(ABLATIONS)}: {name}")
+        run = _train(config, common + [
+            f"run.name=ablation{i + 1}", f"data.train_shards={world.train_pattern}",
+            f"model.pretrained={base_weights}", f"negatives.vocabulary={vocabulary}",
+            f"train.total_samples={args.clove_steps * args.batch_size}", *overrides])
+        tuned = str(Path(run["run_dir"]) / "export" / "finetuned.safetensors")
+        for a in (0.6, 1.0):
+            weights = tuned if a == 1.0 else str(patch_files(base_weights, tuned, a,
+                                                             str(out / f"ablation{i + 1}_alpha{a:g}.safetensors"),
+                                                             progress=False))
+            res = _evaluate(weights, world, batch_size=128)
+            (out / f"eval_ablation{i + 1}_alpha{a:g}.json").write_text(json.dumps(res, indent=2) + "\n")
+            table.append(_row(f"{name} (alpha {a:g})", a, res))
+        log(f"   ({time.perf_counter() - t:.0f} s)")
+    (out / "ablations.json").write_text(json.dumps(table, indent=2) + "\n")
+    return format_table(table)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clove-dist demo", description=__doc__.split("\n\n")[0])
@@ -94,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of both trainings")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablations", action="store_true",
+                    help="also fine-tune without hard negatives, on alt-text, with REPLACE only and with swaps "
+                         "only; writes ablations.md")
     args = ap.parse_args(argv)
 
     from .config import packaged_config
@@ -157,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
+    if args.ablations:
+        ablations = _ablations(config, common, world, base_weights, vocabulary, rows, args, out)
+        (out / "ablations.md").write_text(ablations + "\n")
+        print("\n" + ablations)
     log(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s; outputs in {out}:")
     log("  world/  runs/base, runs/clove (metrics.jsonl, checkpoints, exports)  patched_alpha*.safetensors  "
         "eval_alpha*.json  results.md  results.json")

@@ -14,7 +14,7 @@ def test_small_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli_main(["demo", "--out", str(out), "--num-train", "256", "--num-pretrain", "128", "--num-eval", "8",
                    "--num-zeroshot-per-class", "1", "--base-steps", "4", "--clove-steps", "3", "--batch-size", "16",
-                   "--workers", "0"])
+                   "--workers", "0", "--ablations"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     table = (out / "results.md").read_text()
@@ -32,6 +32,14 @@ def test_small_demo(tmp_path, capsys):
         res = json.loads((out / f"eval_alpha{a}.json").read_text())
         assert r["sugarcrepe_avg"] == round(100 * res["sugarcrepe"]["average"], 2)
         assert r["zeroshot_top1"] == round(100 * res["zeroshot"]["top1"], 2)
+    # The ablations: one fine-tuning run each from the same base, each at alpha 0.6 and 1, beside full CLoVe.
+    ablations = json.loads((out / "ablations.json").read_text())
+    assert len(ablations) == 2 + 2 * 4 and (out / "ablations.md").read_text().strip() in captured.out
+    assert ablations[0]["sugarcrepe_avg"] == rows[1]["sugarcrepe_avg"]
+    no_negatives = [json.loads(x) for x in (out / "runs" / "ablation1" / "metrics.jsonl").read_text().splitlines()]
+    replace_only = [json.loads(x) for x in (out / "runs" / "ablation3" / "metrics.jsonl").read_text().splitlines()]
+    assert no_negatives[-1].get("negatives", 0) == 0 and replace_only[-1]["negatives"] > 0
+    assert "caption_key: txt" in (out / "runs" / "ablation2" / "config.yaml").read_text()
     base_metrics = [json.loads(x) for x in (out / "runs" / "base" / "metrics.jsonl").read_text().splitlines()]
     assert base_metrics[-1].get("negatives", 0) == 0  # the base saw no hard negatives
     clove_metrics = [json.loads(x) for x in (out / "runs" / "clove" / "metrics.jsonl").read_text().splitlines()]
