@@ -80,6 +80,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+def seeds_table(runs: list[list[dict[str, Any]]]) -> str:
+    """Mean and spread (sample standard deviation; min-max) over seeds of each results.json column."""
+    import statistics
+    cols = ["replace", "swap", "add", "sugarcrepe_avg", "zeroshot_top1"]
+    heads = ["model", "SC replace", "SC swap", "SC add", "SC avg", "zero-shot top-1"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    for i, row in enumerate(runs[0]):
+        cells = [row["model"]]
+        for c in cols:
+            vals = [run[i][c] for run in runs]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.1f} +- {sd:.1f} ({min(vals):.1f}-{max(vals):.1f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # The paper's ablations, each a fine-tuning run from the same base with one change (Table 4 of the paper).
 ABLATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("without hard negatives", ("negatives.style=none",)),
@@ -124,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-eval", type=int, default=500, help="SugarCrepe-format examples per subset")
     ap.add_argument("--num-zeroshot-per-class", type=int, default=10, help="zero-shot images per class")
     ap.add_argument("--base-steps", type=int, default=400, help="steps of base (pre-)training, no negatives")
-    ap.add_argument("--clove-steps", type=int, default=200, help="steps of CLoVe fine-tuning with negatives")
+    ap.add_argument("--clove-steps", type=int, default=300, help="steps of CLoVe fine-tuning with negatives")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of both trainings")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training")
     ap.add_argument("--seed", type=int, default=0)
