@@ -51,3 +51,11 @@ def test_small_demo(tmp_path, capsys):
     assert (out / "world" / "train" / "negatives.vocab.json").is_file()
     resolved = (out / "runs" / "clove" / "config.yaml").read_text()
     assert "negatives.vocab.json" in resolved
+
+
+def test_seeds_table_mean_and_spread():
+    from clove_dist.demo import seeds_table
+    row = lambda v: {"model": "m", "replace": v, "swap": v, "add": v, "sugarcrepe_avg": v, "zeroshot_top1": v}  # noqa: E731
+    table = seeds_table([[row(60.0)], [row(64.0)], [row(65.0)]])
+    # mean 63.0; sample standard deviation sqrt(((-3)^2 + 1^2 + 2^2) / 2) = sqrt(7) = 2.65
+    assert table.splitlines()[2] == "| m | " + " | ".join(["63.0 +- 2.6 (60.0-65.0)"] * 5) + " |"
