@@ -3,17 +3,23 @@
     clove-dist demo                       # writes demo-out/, prints one table
     clove-dist demo --out /tmp/demo --base-steps 100 --clove-steps 60
 
-1. world      coloured shapes in spatial relations, captioned ("a small red circle to the left of a large blue
-              square"): webdataset shards in LAION-COCO's layout, a SugarCrepe-format set, a zero-shot set
-2. base       a small CLIP (clove-tiny) trained from scratch without negatives: it stands in for the pre-trained
-              OpenAI weights, which no one can download here
-3. negatives  `clove-dist negatives`: the captions are parsed once and the parses written next to each shard
-4. clove      fine-tuning from the base weights with hard negatives, REPLACE and NegCLIP-style swaps (the same
-              trainer as `clove-dist train`; swaps test attribute binding, which this world's captions exercise)
+1. world      coloured shapes in spatial relations. Pre-training shards: web-style alt-text only ("red circle
+              stock photo blue square png"), ten colours and six shapes. Fine-tuning shards in LAION-COCO's layout:
+              clean captions ("a small red circle to the left of a large blue square"), six colours and four
+              shapes. A SugarCrepe-format set on compositions no training image shows, and a zero-shot set over
+              the pre-training classes
+2. base       a small CLIP (clove-tiny) trained from scratch on the alt-text shards without negatives: it stands
+              in for the pre-trained OpenAI weights, which no one can download here
+3. negatives  `clove-dist negatives` on the fine-tuning shards: captions parsed once, parses and the corpus
+              vocabulary written next to the shards (REPLACE then only picks words the captions use)
+4. clove      fine-tuning from the base weights on the synthetic captions with hard negatives, REPLACE and
+              NegCLIP-style swaps (the same trainer as `clove-dist train`)
 5. patch      w = (1 - alpha) * base + alpha * fine-tuned for alpha 0, 0.6 and 1
 6. eval       each model on the SugarCrepe-format set and zero-shot classification
 
-The training settings are configs/demo.yaml (shipped with the package); the flags below set the sizes.
+The training settings are configs/demo.yaml (shipped with the package; --config for another); the flags below set
+the sizes. Writes results.md (the table) and results.json (one row per model: model, alpha, replace, swap, add,
+sugarcrepe_avg, zeroshot_top1, in percent).
 """
 from __future__ import annotations
 
@@ -50,35 +56,97 @@ def _evaluate(weights: str, world, batch_size: int) -> dict[str, Any]:
                         zeroshot_dir=world.zeroshot_dir, batch_size=batch_size)
 
 
-def _row(name: str, res: dict[str, Any]) -> dict[str, Any]:
+def _pct(v: Any) -> float | None:
+    return None if v is None else round(100 * float(v), 2)
+
+
+def _row(name: str, alpha: float, res: dict[str, Any]) -> dict[str, Any]:
+    """One results.json row, in percent."""
     sc, zs = res.get("sugarcrepe", {}), res.get("zeroshot", {})
-    return {"model": name, "replace": sc.get("replace"), "swap": sc.get("swap"), "add": sc.get("add"),
-            "sugarcrepe": sc.get("average"), "zeroshot_top1": zs.get("top1")}
+    return {"model": name, "alpha": alpha, "replace": _pct(sc.get("replace")), "swap": _pct(sc.get("swap")),
+            "add": _pct(sc.get("add")), "sugarcrepe_avg": _pct(sc.get("average")),
+            "zeroshot_top1": _pct(zs.get("top1"))}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["model", "replace", "swap", "add", "sugarcrepe", "zeroshot_top1"]
+    cols = ["model", "replace", "swap", "add", "sugarcrepe_avg", "zeroshot_top1"]
     heads = ["model", "SC replace", "SC swap", "SC add", "SC avg", "zero-shot top-1"]
 
     def cell(v: Any) -> str:
-        return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
     body = [[cell(r[c]) for c in cols] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+def seeds_table(runs: list[list[dict[str, Any]]]) -> str:
+    """Mean and spread (sample standard deviation; min-max) over seeds of each results.json column."""
+    import statistics
+    cols = ["replace", "swap", "add", "sugarcrepe_avg", "zeroshot_top1"]
+    heads = ["model", "SC replace", "SC swap", "SC add", "SC avg", "zero-shot top-1"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    for i, row in enumerate(runs[0]):
+        cells = [row["model"]]
+        for c in cols:
+            vals = [run[i][c] for run in runs]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.1f} +- {sd:.1f} ({min(vals):.1f}-{max(vals):.1f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The paper's ablations, each a fine-tuning run from the same base with one change (Table 4 of the paper).
+ABLATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("without hard negatives", ("negatives.style=none",)),
+    ("alt-text instead of synthetic captions", ("data.caption_key=txt",)),
+    ("REPLACE negatives only", ("negatives.style=replace",)),
+    ("swap negatives only", ("negatives.style=swap",)),
+)
+
+
+def _ablations(config: Path, common: list[str], world, base_weights: str, vocabulary: Path,
+               rows: list[dict[str, Any]], args, out: Path) -> str:
+    """Fine-tune once per ablation; the table holds each at alpha 1 and patched at 0.6, next to full CLoVe."""
+    from .patching import patch_files
+    table = [{**rows[1], "model": "CLoVe (REPLACE + swaps, synthetic captions)"},
+             {**rows[2], "model": "CLoVe without patching"}]
+    for i, (name, overrides) in enumerate(ABLATIONS):
+        t = _stage(f"ablation {i + 1}/{len(ABLATIONS)}: {name}")
+        run = _train(config, common + [
+            f"run.name=ablation{i + 1}", f"data.train_shards={world.train_pattern}",
+            f"model.pretrained={base_weights}", f"negatives.vocabulary={vocabulary}",
+            f"train.total_samples={args.clove_steps * args.batch_size}", *overrides])
+        tuned = str(Path(run["run_dir"]) / "export" / "finetuned.safetensors")
+        for a in (0.6, 1.0):
+            weights = tuned if a == 1.0 else str(patch_files(base_weights, tuned, a,
+                                                             str(out / f"ablation{i + 1}_alpha{a:g}.safetensors"),
+                                                             progress=False))
+            res = _evaluate(weights, world, batch_size=128)
+            (out / f"eval_ablation{i + 1}_alpha{a:g}.json").write_text(json.dumps(res, indent=2) + "\n")
+            table.append(_row(f"{name} (alpha {a:g})", a, res))
+        log(f"   ({time.perf_counter() - t:.0f} s)")
+    (out / "ablations.json").write_text(json.dumps(table, indent=2) + "\n")
+    return format_table(table)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clove-dist demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo-out", help="output directory (default: ./demo-out)")
-    ap.add_argument("--num-train", type=int, default=8000, help="training images in the synthetic world")
-    ap.add_argument("--num-eval", type=int, default=100, help="SugarCrepe-format examples per subset")
+    ap.add_argument("--config", default="", help="training settings (default: the packaged configs/demo.yaml)")
+    ap.add_argument("--num-pretrain", type=int, default=10000, help="pre-training (alt-text) images")
+    ap.add_argument("--num-train", type=int, default=6000, help="fine-tuning (synthetic caption) images")
+    ap.add_argument("--num-eval", type=int, default=500, help="SugarCrepe-format examples per subset")
+    ap.add_argument("--num-zeroshot-per-class", type=int, default=10, help="zero-shot images per class")
     ap.add_argument("--base-steps", type=int, default=400, help="steps of base (pre-)training, no negatives")
-    ap.add_argument("--clove-steps", type=int, default=200, help="steps of CLoVe fine-tuning with negatives")
+    ap.add_argument("--clove-steps", type=int, default=300, help="steps of CLoVe fine-tuning with negatives")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of both trainings")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablations", action="store_true",
+                    help="also fine-tune without hard negatives, on alt-text, with REPLACE only and with swaps "
+                         "only; writes ablations.md")
     args = ap.parse_args(argv)
 
     from .config import packaged_config
@@ -88,19 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     out = Path(args.out).resolve()
     shutil.rmtree(out / "runs", ignore_errors=True)  # a demo starts afresh: never resume an earlier demo's runs
-    config = packaged_config("demo")
+    config = Path(args.config) if args.config else packaged_config("demo")
     common = [f"run.output_dir={out / 'runs'}", f"data.batch_size={args.batch_size}",
               f"data.num_workers={args.workers}", f"run.seed={args.seed}", "patching.alphas=[]"]
 
-    t = _stage("1/6 world: synthetic shards, SugarCrepe-format and zero-shot sets")
-    world = write_world(out / "world", seed=args.seed, num_train=args.num_train,
+    t = _stage("1/6 world: alt-text and synthetic-caption shards, SugarCrepe-format and zero-shot sets")
+    world = write_world(out / "world", seed=args.seed, num_train=args.num_train, num_pretrain=args.num_pretrain,
                         samples_per_shard=max(1, args.num_train // 4), num_eval_per_subset=args.num_eval,
-                        num_zeroshot_per_class=10, image_size=64)
-    log(f"   {world.num_train} training images in {world.num_train_shards} shards ({time.perf_counter() - t:.0f} s)")
+                        num_zeroshot_per_class=args.num_zeroshot_per_class, image_size=64, num_retrieval_images=16,
+                        num_aro_per_subset=8, progress=False)
+    log(f"   {world.num_pretrain} pre-training and {world.num_train} fine-tuning images "
+        f"({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"2/6 base: clove-tiny from scratch, {args.base_steps} steps without negatives")
+    t = _stage(f"2/6 base: clove-tiny from scratch on alt-text, {args.base_steps} steps without negatives")
     base = _train(config, common + [
-        "run.name=base", f"data.train_shards={world.train_pattern}", "negatives.style=none",
+        "run.name=base", f"data.train_shards={world.pretrain_pattern}", "negatives.style=none",
+        "data.caption_key=txt",
         f"train.total_samples={args.base_steps * args.batch_size}", "optim.lr=1e-3", "optim.warmup_steps=20"])
     base_weights = str(Path(base["run_dir"]) / "export" / "finetuned.safetensors")
     log(f"   loss {base['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
@@ -112,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
     t = _stage(f"4/6 clove: fine-tune from base with hard negatives, {args.clove_steps} steps")
+    vocabulary = Path(world.train_pattern).parent / "negatives.vocab.json"  # written by `clove-dist negatives`
     clove = _train(config, common + [
         "run.name=clove", f"data.train_shards={world.train_pattern}", f"model.pretrained={base_weights}",
+        f"negatives.vocabulary={vocabulary}",
         f"train.total_samples={args.clove_steps * args.batch_size}"])
     clove_weights = str(Path(clove["run_dir"]) / "export" / "finetuned.safetensors")
     log(f"   loss {clove['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
@@ -129,14 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     for a in ALPHAS:
         name = {0.0: "base (alpha 0)", 1.0: "fine-tuned (alpha 1)"}.get(a, f"CLoVe (alpha {a})")
         res = _evaluate(patched[a], world, batch_size=128)
-        rows.append(_row(name, res))
+        rows.append(_row(name, a, res))
         (out / f"eval_alpha{a:g}.json").write_text(json.dumps(res, indent=2) + "\n")
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
+    if args.ablations:
+        ablations = _ablations(config, common, world, base_weights, vocabulary, rows, args, out)
+        (out / "ablations.md").write_text(ablations + "\n")
+        print("\n" + ablations)
     log(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s; outputs in {out}:")
     log("  world/  runs/base, runs/clove (metrics.jsonl, checkpoints, exports)  patched_alpha*.safetensors  "
-        "eval_alpha*.json  results.md")
+        "eval_alpha*.json  results.md  results.json")
     return 0

@@ -12,8 +12,9 @@ pytestmark = pytest.mark.slow
 
 def test_small_demo(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli_main(["demo", "--out", str(out), "--num-train", "256", "--num-eval", "8", "--base-steps", "4",
-                   "--clove-steps", "3", "--batch-size", "16", "--workers", "0"])
+    rc = cli_main(["demo", "--out", str(out), "--num-train", "256", "--num-pretrain", "128", "--num-eval", "8",
+                   "--num-zeroshot-per-class", "1", "--base-steps", "4", "--clove-steps", "3", "--batch-size", "16",
+                   "--workers", "0", "--ablations"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     table = (out / "results.md").read_text()
@@ -24,7 +25,37 @@ def test_small_demo(tmp_path, capsys):
         res = json.loads((out / f"eval_alpha{a}.json").read_text())
         assert 0.0 <= res["sugarcrepe"]["average"] <= 1.0 and 0.0 <= res["zeroshot"]["top1"] <= 1.0
         assert (out / f"patched_alpha{a}.safetensors").is_file()
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["alpha"]) for r in rows] == [("base (alpha 0)", 0.0), ("CLoVe (alpha 0.6)", 0.6),
+                                                        ("fine-tuned (alpha 1)", 1.0)]
+    for r, a in zip(rows, ("0", "0.6", "1")):  # percent, the same numbers as the per-model evaluation files
+        res = json.loads((out / f"eval_alpha{a}.json").read_text())
+        assert r["sugarcrepe_avg"] == round(100 * res["sugarcrepe"]["average"], 2)
+        assert r["zeroshot_top1"] == round(100 * res["zeroshot"]["top1"], 2)
+    # The ablations: one fine-tuning run each from the same base, each at alpha 0.6 and 1, beside full CLoVe.
+    ablations = json.loads((out / "ablations.json").read_text())
+    assert len(ablations) == 2 + 2 * 4 and (out / "ablations.md").read_text().strip() in captured.out
+    assert ablations[0]["sugarcrepe_avg"] == rows[1]["sugarcrepe_avg"]
+    no_negatives = [json.loads(x) for x in (out / "runs" / "ablation1" / "metrics.jsonl").read_text().splitlines()]
+    replace_only = [json.loads(x) for x in (out / "runs" / "ablation3" / "metrics.jsonl").read_text().splitlines()]
+    assert no_negatives[-1].get("negatives", 0) == 0 and replace_only[-1]["negatives"] > 0
+    assert "caption_key: txt" in (out / "runs" / "ablation2" / "config.yaml").read_text()
+    base_metrics = [json.loads(x) for x in (out / "runs" / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert base_metrics[-1].get("negatives", 0) == 0  # the base saw no hard negatives
     clove_metrics = [json.loads(x) for x in (out / "runs" / "clove" / "metrics.jsonl").read_text().splitlines()]
     assert clove_metrics[-1]["negatives"] > 0  # the fine-tuning stage trained with hard negatives
     assert clove_metrics[-1]["negatives_num_cached_parse"] > 0  # ... read from the sidecars, not parsed again
     assert sorted(p.name for p in (out / "world" / "train").glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
+    assert sorted(p.name for p in (out / "world" / "pretrain").glob("*.tar")) == [f"{i:05d}.tar" for i in range(2)]
+    # `clove-dist negatives` wrote the corpus vocabulary and the fine-tuning run restricted REPLACE to it.
+    assert (out / "world" / "train" / "negatives.vocab.json").is_file()
+    resolved = (out / "runs" / "clove" / "config.yaml").read_text()
+    assert "negatives.vocab.json" in resolved
+
+
+def test_seeds_table_mean_and_spread():
+    from clove_dist.demo import seeds_table
+    row = lambda v: {"model": "m", "replace": v, "swap": v, "add": v, "sugarcrepe_avg": v, "zeroshot_top1": v}  # noqa: E731
+    table = seeds_table([[row(60.0)], [row(64.0)], [row(65.0)]])
+    # mean 63.0; sample standard deviation sqrt(((-3)^2 + 1^2 + 2^2) / 2) = sqrt(7) = 2.65
+    assert table.splitlines()[2] == "| m | " + " | ".join(["63.0 +- 2.6 (60.0-65.0)"] * 5) + " |"

@@ -24,6 +24,17 @@ from clove_dist.data.synthetic import WorldPaths, main, write_world
 PALETTE = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (240, 220, 30),
            "purple": (150, 40, 190), "orange": (250, 130, 20)}
 SHAPES = ("circle", "square", "triangle", "cross")
+# The pre-training shards and the zero-shot set use a broader vocabulary than fine-tuning.
+PRETRAIN_PALETTE = {**PALETTE, "pink": (250, 150, 200), "brown": (130, 75, 25), "cyan": (30, 210, 220),
+                    "white": (245, 245, 245)}
+PRETRAIN_SHAPES = (*SHAPES, "diamond", "ring")
+# Compositions no training image shows, on which the SugarCrepe-format set is built (mirrors included).
+HELD_OUT_PAIRS = {("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "cross")}
+_MIRROR = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+           "below": "above"}
+HELD_OUT_TRIPLES = {("circle", "above", "square"), ("triangle", "to the left of", "cross"),
+                    ("square", "to the left of", "triangle"), ("cross", "above", "circle")}
+HELD_OUT_TRIPLES |= {(b, _MIRROR[r], a) for a, r, b in HELD_OUT_TRIPLES}
 SIZES = ("small", "large")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 # SugarCrepe's field names and subset files, as in RAIVNLab/sugar-crepe's data/*.json.
@@ -49,12 +60,12 @@ def parse(text: str) -> tuple[list[tuple[str | None, str | None, str]], str]:
 
 # ------------------------------------------------------------------------------------------- pixel measurements
 
-def measure(img: Image.Image) -> dict[str, dict]:
-    """Per palette colour present: pixel count, centre, bounding box and the best-matching shape."""
+def measure(img: Image.Image, shapes: tuple[str, ...] = SHAPES) -> dict[str, dict]:
+    """Per palette colour present: pixel count, centre, bounding box and the best-matching shape of `shapes`."""
     a = np.asarray(img.convert("RGB"), dtype=np.float64)  # (H, W, 3)
-    names = list(PALETTE)
-    pal = np.array([PALETTE[n] for n in names], dtype=np.float64)  # (6, 3)
-    dist = np.linalg.norm(a[:, :, None, :] - pal[None, None], axis=-1)  # (H, W, 6)
+    names = list(PRETRAIN_PALETTE)
+    pal = np.array([PRETRAIN_PALETTE[n] for n in names], dtype=np.float64)  # (10, 3)
+    dist = np.linalg.norm(a[:, :, None, :] - pal[None, None], axis=-1)  # (H, W, 10)
     # 45 (of 441 max): JPEG at quality 95 keeps flat colours within ~10; an edge pixel half-blended with the grey
     # background is >= 80 away from every palette colour, so it counts as background.
     near = dist.min(-1) < 45
@@ -71,8 +82,11 @@ def measure(img: Image.Image) -> dict[str, dict]:
         crop = mask[y0:y0 + h, x0:x0 + w]
         v, u = np.meshgrid((np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1, indexing="ij")
         templates = {"circle": u * u + v * v <= 1, "square": np.ones_like(crop),
-                     "triangle": np.abs(u) <= (v + 1) / 2, "cross": (np.abs(u) <= 0.36) | (np.abs(v) <= 0.36)}
-        iou = {k: (t & crop).sum() / (t | crop).sum() for k, t in templates.items()}
+                     "triangle": np.abs(u) <= (v + 1) / 2, "cross": (np.abs(u) <= 0.36) | (np.abs(v) <= 0.36),
+                     "diamond": np.abs(u) + np.abs(v) <= 1,
+                     # A ring's hole is background, so the crop holds only its band (inner radius 0.55).
+                     "ring": (u * u + v * v <= 1) & (u * u + v * v >= 0.55 ** 2)}
+        iou = {k: (t & crop).sum() / (t | crop).sum() for k, t in templates.items() if k in shapes}
         found[name] = {"count": int(mask.sum()), "cx": xs.mean() / a.shape[1], "cy": ys.mean() / a.shape[0],
                        "extent": max(w, h) / a.shape[0], "shape": max(iou, key=iou.get)}
     return found
@@ -180,6 +194,69 @@ def test_train_captions_are_true_of_the_pixels(train_samples):
     assert 0 < omitted < len(train_samples) // 2
 
 
+@pytest.fixture(scope="module")
+def pretrain_samples(world):
+    ds = wds.WebDataset(world.pretrain_pattern, shardshuffle=False).decode("pil")
+    return list(ds)
+
+
+def test_pretrain_shards_are_broad_alt_text(world, pretrain_samples):
+    root = Path(world.root)
+    assert world.pretrain_pattern == f"{root}/pretrain/{{00000..00002}}.tar"
+    assert len(pretrain_samples) == world.num_pretrain == NUM_TRAIN  # default: as many as fine-tuning
+    colours, shapes, confused, num_objects = set(), set(), 0, 0
+    for s in pretrain_samples:
+        # Web data: the alt-text only, no captioner output.
+        assert s["json"]["caption"] == s["txt"] and "top_caption" not in s["json"]
+        found = measure(s["jpg"], PRETRAIN_SHAPES)
+        objs = s["json"]["scene"]["objects"]
+        assert sorted(found) == sorted(o["colour"] for o in objs), (s["__key__"], found, objs)
+        for o in objs:
+            confused += found[o["colour"]]["shape"] != o["shape"]
+            num_objects += 1
+            colours.add(o["colour"])
+            shapes.add(o["shape"])
+    # This crude template match takes about 1% of small (13 px) JPEG crosses for diamonds (their edges blur into
+    # the background); a drawing of the wrong shape would miss far more often.
+    assert confused <= 0.03 * num_objects, (confused, num_objects)
+    # Colours and shapes the fine-tuning shards never show are in the pre-training data.
+    assert colours - set(PALETTE) and shapes - set(SHAPES)
+    assert colours <= set(PRETRAIN_PALETTE) and shapes <= set(PRETRAIN_SHAPES)
+
+
+def _held_out(scene: dict) -> bool:
+    objs = scene["objects"]
+    if any((o["colour"], o["shape"]) in HELD_OUT_PAIRS for o in objs):
+        return True
+    return len(objs) == 2 and (objs[0]["shape"], scene["relation"], objs[1]["shape"]) in HELD_OUT_TRIPLES
+
+
+def test_held_out_compositions_are_in_no_training_image_and_every_eval_image(world, train_samples,
+                                                                              pretrain_samples):
+    for s in train_samples + pretrain_samples:
+        assert not _held_out(s["json"]["scene"]), s["json"]
+    root = Path(world.sugarcrepe_dir)
+    scenes = json.loads((root / "scenes.json").read_text())
+    assert scenes and all(_held_out(sc) for sc in scenes.values())
+    for name in SUGARCREPE_FILES:
+        for entry in json.loads((root / name).read_text()).values():
+            nps, relation = parse(entry["caption"])
+            shown = {(c, s) for _, c, s in nps} & HELD_OUT_PAIRS
+            triple = len(nps) == 2 and (nps[0][2], relation, nps[1][2]) in HELD_OUT_TRIPLES
+            # A positive with an attribute left out (add_att) may name the held-out object without its colour.
+            assert shown or triple or name == "add_att.json", entry
+
+
+def test_no_eval_caption_occurs_in_any_training_shard(world, train_samples, pretrain_samples):
+    seen = {s["txt"] for s in train_samples + pretrain_samples}
+    seen |= {s["json"]["top_caption"] for s in train_samples}
+    assert len(seen) > NUM_TRAIN  # both caption fields of both shard sets were read
+    root = Path(world.sugarcrepe_dir)
+    for name in SUGARCREPE_FILES:
+        for entry in json.loads((root / name).read_text()).values():
+            assert entry["caption"] not in seen and entry["negative_caption"] not in seen, (name, entry)
+
+
 # --------------------------------------------------------------------------------------------------- sugarcrepe
 
 def test_sugarcrepe_files_match_the_real_format(world):
@@ -246,7 +323,9 @@ def test_sugarcrepe_positive_true_negative_false(world):
 def test_zeroshot_in_clip_benchmark_layout(world):
     root = Path(world.zeroshot_dir)
     classes = (root / "classnames.txt").read_text().splitlines()
-    assert classes == [f"{c} {s}" for c in PALETTE for s in SHAPES]
+    # The pre-training classes, broader than the fine-tuning vocabulary, without the held-out pairs.
+    assert classes == [f"{c} {s}" for c in PRETRAIN_PALETTE for s in PRETRAIN_SHAPES if (c, s) not in HELD_OUT_PAIRS]
+    assert {c.split()[0] for c in classes} - set(PALETTE) and {c.split()[1] for c in classes} - set(SHAPES)
     templates = (root / "zeroshot_classification_templates.txt").read_text().splitlines()
     assert templates and all("{c}" in t for t in templates)
     nshards = int((root / "test" / "nshards.txt").read_text())
@@ -258,7 +337,7 @@ def test_zeroshot_in_clip_benchmark_layout(world):
     for key, img, label in ds:
         assert re.fullmatch(r"s\d{7}", key)
         colour, shape = classes[label].split()
-        found = measure(img)
+        found = measure(img, PRETRAIN_SHAPES)
         assert list(found) == [colour] and found[colour]["shape"] == shape, (key, classes[label], found)
         counts[label] += 1
     assert counts == [PER_CLASS] * len(classes)

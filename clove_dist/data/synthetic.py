@@ -10,19 +10,25 @@ always with a different colour and a different shape, so "which colour belongs t
 
     "a small red circle to the left of a large blue square"
 
+Two training distributions, as in CLoVe: pre-training shards with alt-text only over a broader vocabulary (four
+more colours, two more shapes), and fine-tuning shards with clean captions over the narrow one. No training image
+shows a held-out colour-shape pair or (shape, relation, shape) triple; the SugarCrepe-format set is built on them,
+and none of its captions equals a training caption.
+
 The layout keeps the relation unambiguous: the two centres are at least 0.46 of the image apart along the
 relation's axis (the objects never touch) and at most 0.08 apart across it, so exactly one of the four
 relations holds.
 
 Written under OUT:
 
+    pretrain/{00000..}.tar     img2dataset layout of web data: {key}.jpg, {key}.txt (alt-text), {key}.json
     train/{00000..NNNNN}.tar   img2dataset / LAION-COCO layout: {key}.jpg, {key}.txt (noisy alt-text), {key}.json
                                ({"key", "top_caption" (clean caption), "caption" (the alt-text), "scene", ...});
                                keys are img2dataset's zero-padded shard*10^k + index strings ("000000123")
     sugarcrepe/                SugarCrepe's own format: replace_{obj,att,rel}.json, swap_{obj,att}.json,
                                add_{obj,att}.json ({"0": {"filename", "caption", "negative_caption"}, ...}),
                                images/, and scenes.json (the ground truth behind every image; not part of the format)
-    zeroshot/                  CLIP_benchmark's webdataset layout: classnames.txt ("red circle", ...),
+    zeroshot/                  CLIP_benchmark's webdataset layout: classnames.txt ("red square", "pink ring", ...),
                                zeroshot_classification_templates.txt ("a photo of a {c}."), test/{0..n}.tar with
                                {key}.webp (lossless) + {key}.cls, test/nshards.txt
     retrieval/                 CLIP_benchmark's retrieval layout: dataset_type.txt ("retrieval"), test/{0..n}.tar
@@ -32,7 +38,7 @@ Written under OUT:
                                coco_karpathy_test.json + val2014/, flickr30k_test.json + flickr30k-images/
     world.json                 the arguments and vocabulary this world was written with
 
-Every file is written to a temporary name and renamed, so a reader never sees half a shard. Tar headers carry no
+retrieval/ and aro/ are written by synthetic_retrieval_aro.py. Every file is written to a temporary name and renamed, so a reader never sees half a shard. Tar headers carry no
 time or owner, so the same seed gives byte-identical output.
 """
 from __future__ import annotations
@@ -61,11 +67,27 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 130, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+# The pre-training distribution is broader than the fine-tuning one, as web alt-text data is broader than
+# LAION-COCO's captioned subset seen through a captioner: four more colours and two more shapes, which the
+# fine-tuning shards never show (the zero-shot set measures whether fine-tuning forgets them).
+PRETRAIN_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, "pink": (250, 150, 200), "brown": (130, 75, 25),
+                                                      "cyan": (30, 210, 220), "white": (245, 245, 245)}
+PRETRAIN_SHAPES: tuple[str, ...] = (*SHAPES, "diamond", "ring")
+# Held-out compositions: no training image (pre-training or fine-tuning) shows these colour-shape pairs or these
+# (shape, relation, shape) triples (nor their mirror, "a square below a circle"), and the SugarCrepe-format set is
+# built on them: it measures composition of known words, not recall of seen captions.
+HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset({("red", "circle"), ("green", "square"),
+                                                        ("blue", "triangle"), ("yellow", "cross")})
+HELD_OUT_TRIPLES: frozenset[tuple[str, str, str]] = frozenset({
+    ("circle", "above", "square"), ("triangle", "to the left of", "cross"), ("square", "to the left of", "triangle"),
+    ("cross", "above", "circle")})
 # Object extent (bounding-box side) as a fraction of the image side; the ranges are far apart so size is never
 # a judgement call.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.20, 0.24), "large": (0.36, 0.42)}
 RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
 ATTRIBUTES: tuple[str, ...] = ("size", "colour")
+_INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
 
 SUGARCREPE_SUBSETS: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att",
                                        "add_obj", "add_att")
@@ -109,6 +131,8 @@ class WorldPaths:
     num_train_shards: int  # training shards written
     retrieval_dir: str = ""  # CLIP_benchmark-format retrieval directory
     aro_dir: str = ""  # ARO-format directory (VG-Relation, VG-Attribution, COCO-Order, Flickr30k-Order)
+    pretrain_pattern: str = ""  # brace pattern of the pre-training shards (alt-text only, broad vocabulary)
+    num_pretrain: int = 0  # pre-training samples written
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -126,13 +150,36 @@ def _sample_object(rng: random.Random, shape: str, colour: str, size: str, cx: f
     return Obj(shape, colour, size, min(max(cx, half), 1 - half), min(max(cy, half), 1 - half), extent)
 
 
-def sample_scene(rng: random.Random, num_objects: int) -> Scene:
-    """A random scene with one or two objects; two objects always differ in colour and in shape."""
+def sample_scene(rng: random.Random, num_objects: int, *, colours: tuple[str, ...] | None = None,
+                 shapes: tuple[str, ...] = SHAPES, exclude_held_out: bool = False) -> Scene:
+    """A random scene with one or two objects; two objects always differ in colour and in shape.
+
+    `colours`/`shapes` are the vocabulary (default: the fine-tuning one); `exclude_held_out` redraws (from the same
+    generator, so still a pure function of it) until no held-out pair or triple is in the scene.
+    """
     if num_objects not in (1, 2):
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
+    while True:
+        scene = _draw_scene(rng, num_objects, tuple(colours or COLOURS), shapes)
+        if not (exclude_held_out and held_out_in(scene)):
+            return scene
+
+
+def held_out_in(scene: Scene) -> bool:
+    """Whether the scene shows a held-out colour-shape pair or (shape, relation, shape) triple."""
+    if any((o.colour, o.shape) in HELD_OUT_PAIRS for o in scene.objects):
+        return True
+    if len(scene.objects) == 2:
+        a, b = scene.objects
+        return ((a.shape, scene.relation, b.shape) in HELD_OUT_TRIPLES
+                or (b.shape, _INVERSE[scene.relation], a.shape) in HELD_OUT_TRIPLES)
+    return False
+
+
+def _draw_scene(rng: random.Random, num_objects: int, colours: tuple[str, ...], shapes: tuple[str, ...]) -> Scene:
     background = rng.randint(*_BACKGROUND_GREY)
-    colours = rng.sample(list(COLOURS), num_objects)
-    shapes = rng.sample(SHAPES, num_objects)
+    colours = rng.sample(list(colours), num_objects)
+    shapes = rng.sample(list(shapes), num_objects)
     sizes = [rng.choice(list(SIZES)) for _ in range(num_objects)]
     if num_objects == 1:
         obj = _sample_object(rng, shapes[0], colours[0], sizes[0], rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8))
@@ -259,7 +306,7 @@ def render(scene: Scene, image_size: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
         cx, cy, h = obj.cx * side, obj.cy * side, obj.extent * side / 2
-        fill = COLOURS[obj.colour]
+        fill = PRETRAIN_COLOURS[obj.colour]
         if obj.shape == "circle":
             draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
         elif obj.shape == "square":
@@ -270,6 +317,12 @@ def render(scene: Scene, image_size: int) -> Image.Image:
             arm = h * 0.36  # half-width of each bar: thick enough to stay a cross when small
             draw.rectangle((cx - h, cy - arm, cx + h, cy + arm), fill=fill)
             draw.rectangle((cx - arm, cy - h, cx + arm, cy + h), fill=fill)
+        elif obj.shape == "diamond":
+            draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+        elif obj.shape == "ring":
+            hole = h * 0.55  # inner radius: the band stays about 3 px wide on a small ring at 64 px
+            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+            draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=(grey, grey, grey))
         else:
             raise AssertionError(f"unknown shape {obj.shape}")
     return img.reduce(_SUPERSAMPLE) if _SUPERSAMPLE > 1 else img
@@ -328,26 +381,40 @@ def _key_digits(samples_per_shard: int) -> int:
 
 
 def _write_train(root: Path, seed: int, num_train: int, samples_per_shard: int, image_size: int,
-                 progress: bool) -> tuple[str, int]:
-    out = root / "train"
+                 progress: bool, *, pretrain: bool = False) -> tuple[str, int, set[str]]:
+    """Fine-tuning shards (train/, LAION-COCO layout: clean top_caption + alt-text) or pre-training shards
+    (pretrain/, LAION-400M layout: alt-text only, broad vocabulary). Returns the pattern, the shard count and
+    every caption written (both fields), which the evaluation sets are kept apart from."""
+    out = root / ("pretrain" if pretrain else "train")
     out.mkdir(parents=True, exist_ok=True)
     num_shards = math.ceil(num_train / samples_per_shard)
     k = _key_digits(samples_per_shard)
-    bar = tqdm(total=num_train, desc="world: train", unit="img", disable=not progress)
+    stream = "pretrain" if pretrain else "train"
+    captions: set[str] = set()
+    bar = tqdm(total=num_train, desc=f"world: {stream}", unit="img", disable=not progress)
     for shard in range(num_shards):
         writer = _ShardWriter(out / f"{shard:05d}.tar")
         count = min(samples_per_shard, num_train - shard * samples_per_shard)
         for i in range(count):
             index = shard * samples_per_shard + i
-            rng = _rng(seed, "train", index)
-            scene = sample_scene(rng, 1 if rng.random() < _P_SINGLE_TRAIN else 2)
+            rng = _rng(seed, stream, index)
+            num_objects = 1 if rng.random() < _P_SINGLE_TRAIN else 2
+            if pretrain:
+                scene = sample_scene(rng, num_objects, colours=tuple(PRETRAIN_COLOURS), shapes=PRETRAIN_SHAPES,
+                                     exclude_held_out=True)
+            else:
+                scene = sample_scene(rng, num_objects, exclude_held_out=True)
             clean = _train_caption(rng, scene)
             noisy = alt_text(rng, clean)
             key = f"{shard * 10 ** k + i:0{5 + k}d}"
-            meta = {"url": f"synthetic://world/{seed}/{index}", "key": key, "status": "success",
+            meta = {"url": f"synthetic://world/{seed}/{stream}/{index}", "key": key, "status": "success",
                     "error_message": None, "width": image_size, "height": image_size,
-                    "original_width": image_size, "original_height": image_size, "caption": noisy,
-                    "top_caption": clean, "all_captions": [clean], "scene": _scene_dict(scene)}
+                    "original_width": image_size, "original_height": image_size, "caption": noisy}
+            if not pretrain:  # LAION-COCO adds the captioner's output; the web data has only its alt-text
+                meta.update({"top_caption": clean, "all_captions": [clean]})
+                captions.add(clean)
+            meta["scene"] = _scene_dict(scene)
+            captions.add(noisy)
             writer.add(f"{key}.jpg", _encode(render(scene, image_size), "jpg"))
             writer.add(f"{key}.txt", noisy.encode("utf-8"))
             writer.add(f"{key}.json", _json_bytes(meta))
@@ -356,22 +423,59 @@ def _write_train(root: Path, seed: int, num_train: int, samples_per_shard: int, 
         stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0}
         _atomic_write(out / f"{shard:05d}_stats.json", _json_bytes(stats, indent=4))
     bar.close()
-    return str(out / f"{{00000..{num_shards - 1:05d}}}.tar"), num_shards
+    return str(out / f"{{00000..{num_shards - 1:05d}}}.tar"), num_shards, captions
 
 
-def _write_sugarcrepe(root: Path, seed: int, num_per_subset: int, image_size: int, progress: bool) -> str:
+_MAX_DRAWS = 50  # draws of a negative, or of a scene, before giving up: in practice a few suffice
+
+
+def _held_out_scene(rng: random.Random, num_objects: int) -> Scene:
+    """A fine-tuning-vocabulary scene that shows a held-out pair or triple (redrawn from `rng` until it does)."""
+    for _ in range(1000):  # about one in three two-object scenes and one in six one-object scenes qualifies
+        scene = sample_scene(rng, num_objects)
+        if held_out_in(scene):
+            return scene
+    raise AssertionError("no held-out scene in 1000 draws")
+
+
+def _eval_pairs(seed: int, index: int, num_objects: int, subsets: tuple[str, ...],
+                seen: set[str]) -> tuple[Scene, dict[str, tuple[str, str]]]:
+    """One evaluation scene and a (positive, negative) pair per subset, no caption of which occurs in `seen`."""
+    stream = "sugarcrepe-pair" if num_objects == 2 else "sugarcrepe-single"
+    scene_rng = _rng(seed, stream, index)
+    for _ in range(_MAX_DRAWS):
+        scene = _held_out_scene(scene_rng, num_objects)
+        pairs = {}
+        for subset in subsets:
+            rng = _rng(seed, f"sugarcrepe-{subset}", index)
+            for _ in range(_MAX_DRAWS):
+                pos, neg = sugarcrepe_pair(rng, subset, scene)
+                if pos not in seen and neg not in seen:
+                    pairs[subset] = (pos, neg)
+                    break
+            else:
+                break  # this scene cannot give an unseen pair for `subset`: draw another scene
+        if len(pairs) == len(subsets):
+            return scene, pairs
+    raise AssertionError(f"no unseen evaluation pair for scene {index} in {_MAX_DRAWS} draws")
+
+
+def _write_sugarcrepe(root: Path, seed: int, num_per_subset: int, image_size: int, progress: bool,
+                      seen: set[str]) -> str:
     out = root / "sugarcrepe"
     (out / "images").mkdir(parents=True, exist_ok=True)
     # Like the real benchmark (COCO val2017 images reused across subsets), the six two-object subsets share one
-    # pool of images, so an evaluator that encodes each unique image once has real work to save.
-    pools = {2: [sample_scene(_rng(seed, "sugarcrepe-pair", i), 2) for i in range(num_per_subset)],
-             1: [sample_scene(_rng(seed, "sugarcrepe-single", i), 1) for i in range(num_per_subset)]}
+    # pool of images, so an evaluator that encodes each unique image once has real work to save. Every image shows
+    # a held-out composition, and no positive or negative caption is one a training shard holds.
+    two = tuple(s for s in SUGARCREPE_SUBSETS if s != "add_obj")
+    pools = {2: [_eval_pairs(seed, i, 2, two, seen) for i in range(num_per_subset)],
+             1: [_eval_pairs(seed, i, 1, ("add_obj",), seen) for i in range(num_per_subset)]}
     names = {2: [f"{i:012d}.jpg" for i in range(num_per_subset)],
              1: [f"{num_per_subset + i:012d}.jpg" for i in range(num_per_subset)]}
     bar = tqdm(total=2 * num_per_subset, desc="world: sugarcrepe", unit="img", disable=not progress)
     scenes = {}
     for n in (2, 1):
-        for name, scene in zip(names[n], pools[n]):
+        for name, (scene, _) in zip(names[n], pools[n]):
             _atomic_write(out / "images" / name, _encode(render(scene, image_size), "jpg"))
             scenes[name] = _scene_dict(scene)
             bar.update(1)
@@ -379,8 +483,8 @@ def _write_sugarcrepe(root: Path, seed: int, num_per_subset: int, image_size: in
     for subset in SUGARCREPE_SUBSETS:
         n = 1 if subset == "add_obj" else 2
         entries = {}
-        for i, (name, scene) in enumerate(zip(names[n], pools[n])):
-            pos, neg = sugarcrepe_pair(_rng(seed, f"sugarcrepe-{subset}", i), subset, scene)
+        for i, (name, (_, pairs)) in enumerate(zip(names[n], pools[n])):
+            pos, neg = pairs[subset]
             entries[str(i)] = {"filename": name, "caption": pos, "negative_caption": neg}
         _atomic_write(out / f"{subset}.json", _json_bytes(entries, indent=4))
     _atomic_write(out / "scenes.json", _json_bytes(scenes, indent=1))
@@ -388,8 +492,9 @@ def _write_sugarcrepe(root: Path, seed: int, num_per_subset: int, image_size: in
 
 
 def zeroshot_classnames() -> list[str]:
-    """The zero-shot classes: every colour-shape pair ("red circle", ...), in a fixed order."""
-    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    """The zero-shot classes: every colour-shape pair of the pre-training vocabulary ("red square", "pink ring",
+    ...) that pre-training shows (held-out pairs left out), in a fixed order."""
+    return [f"{c} {s}" for c in PRETRAIN_COLOURS for s in PRETRAIN_SHAPES if (c, s) not in HELD_OUT_PAIRS]
 
 
 def _write_zeroshot(root: Path, seed: int, num_per_class: int, samples_per_shard: int, image_size: int,
@@ -424,117 +529,6 @@ def _write_zeroshot(root: Path, seed: int, num_per_class: int, samples_per_shard
     return str(out)
 
 
-_INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-            "below": "above"}
-
-
-def paraphrases(rng: random.Random, scene: Scene) -> list[str]:
-    """Three to five true captions of a two-object scene, several wordings as COCO's five annotators give."""
-    a, b = scene.objects
-    everything = [caption(scene),
-                  f"{describe(b)} {_INVERSE[scene.relation]} {describe(a)}",
-                  caption(scene, frozenset({(0, "size"), (1, "size")})),
-                  f"there is {caption(scene)}",
-                  f"{describe(a, size=False)} and {describe(b, size=False)}"]
-    return everything[:rng.randint(3, 5)]
-
-
-def _write_retrieval(root: Path, seed: int, num_images: int, samples_per_shard: int, image_size: int,
-                     progress: bool) -> str:
-    out = root / "retrieval"
-    (out / "test").mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "dataset_type.txt", b"retrieval\n")
-    num_shards = math.ceil(num_images / samples_per_shard)
-    bar = tqdm(total=num_images, desc="world: retrieval", unit="img", disable=not progress)
-    for shard in range(num_shards):
-        writer = _ShardWriter(out / "test" / f"{shard}.tar")
-        for index in range(shard * samples_per_shard, min(num_images, (shard + 1) * samples_per_shard)):
-            rng = _rng(seed, "retrieval", index)
-            scene = sample_scene(rng, 2)
-            key = f"s{index:07d}"  # CLIP_benchmark's key format; captions one per line in .txt
-            writer.add(f"{key}.webp", _encode(render(scene, image_size), "webp"))
-            writer.add(f"{key}.txt", "\n".join(paraphrases(rng, scene)).encode("utf-8"))
-            bar.update(1)
-        writer.close()
-    bar.close()
-    _atomic_write(out / "test" / "nshards.txt", f"{num_shards}\n".encode())
-    return str(out)
-
-
-# Four ordered colour pairs: with 100 examples each VG-Attribution pair reaches the benchmark's 25-example floor.
-_ARO_ATTRIBUTE_PAIRS: tuple[tuple[str, str], ...] = (("red", "blue"), ("green", "yellow"), ("purple", "orange"),
-                                                     ("blue", "green"))
-
-
-def _vg_image(scene: Scene, image_size: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """The scene pasted into a larger black-bordered canvas, as a crop of a bigger photograph, and the union box
-    (x, y, w, h) of its two objects in canvas pixels."""
-    side = image_size * 3 // 2
-    offset = (side - image_size) // 2
-    canvas = Image.new("RGB", (side, side), (0, 0, 0))
-    canvas.paste(render(scene, image_size), (offset, offset))
-    boxes = [((o.cx - o.extent / 2) * image_size, (o.cy - o.extent / 2) * image_size,
-              (o.cx + o.extent / 2) * image_size, (o.cy + o.extent / 2) * image_size) for o in scene.objects]
-    x0 = int(min(b[0] for b in boxes)) + offset
-    y0 = int(min(b[1] for b in boxes)) + offset
-    x1 = math.ceil(max(b[2] for b in boxes)) + offset
-    y1 = math.ceil(max(b[3] for b in boxes)) + offset
-    return canvas, (x0, y0, x1 - x0, y1 - y0)
-
-
-def _the(obj: Obj) -> str:
-    return f"the {obj.colour} {obj.shape}"
-
-
-def _write_aro(root: Path, seed: int, num_per_subset: int, image_size: int, progress: bool) -> str:
-    out = root / "aro"
-    for d in ("images", "val2014", "flickr30k-images"):
-        (out / d).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=4 * num_per_subset, desc="world: aro", unit="img", disable=not progress)
-    relation, attribution = [], []
-    for i in range(num_per_subset):
-        scene = sample_scene(_rng(seed, "aro-vg-relation", i), 2)
-        image_id = 1_000_000 + i
-        canvas, (x, y, w, h) = _vg_image(scene, image_size)
-        _atomic_write(out / "images" / f"{image_id}.jpg", _encode(canvas, "jpg"))
-        a, b = scene.objects
-        relation.append({"image_id": str(image_id), "relation_name": scene.relation, "bbox_x": x, "bbox_y": y,
-                         "bbox_w": w, "bbox_h": h, "true_caption": f"{_the(a)} is {scene.relation} {_the(b)}",
-                         "false_caption": f"{_the(b)} is {scene.relation} {_the(a)}",
-                         "image_path": f"{image_id}.jpg", "subj": _the(a)[4:], "obj": _the(b)[4:]})
-        bar.update(1)
-    for i in range(num_per_subset):
-        first, second = _ARO_ATTRIBUTE_PAIRS[i % len(_ARO_ATTRIBUTE_PAIRS)]
-        base = sample_scene(_rng(seed, "aro-vg-attribution", i), 2)
-        scene = replace(base, objects=(replace(base.objects[0], colour=first), replace(base.objects[1], colour=second)))
-        image_id = 2_000_000 + i
-        canvas, (x, y, w, h) = _vg_image(scene, image_size)
-        _atomic_write(out / "images" / f"{image_id}.jpg", _encode(canvas, "jpg"))
-        a, b = scene.objects
-        attribution.append({"image_id": str(image_id), "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h,
-                            "true_caption": f"the {first} {a.shape} and the {second} {b.shape}",
-                            "false_caption": f"the {second} {a.shape} and the {first} {b.shape}",
-                            "image_path": f"{image_id}.jpg", "attributes": [first, second],
-                            "obj1_name": a.shape, "obj2_name": b.shape})
-        bar.update(1)
-    _atomic_write(out / "visual_genome_relation.json", _json_bytes(relation))
-    _atomic_write(out / "visual_genome_attribution.json", _json_bytes(attribution))
-    for stream, folder, fname, name in (("aro-coco", "val2014", "coco_karpathy_test.json", "COCO_val2014_{:012d}.jpg"),
-                                        ("aro-flickr", "flickr30k-images", "flickr30k_test.json", "{}.jpg")):
-        entries = []
-        for i in range(num_per_subset):
-            rng = _rng(seed, stream, i)
-            scene = sample_scene(rng, 2)
-            image = f"{folder}/{name.format(3_000_000 + i)}"
-            _atomic_write(out / image, _encode(render(scene, image_size), "jpg"))
-            entries.append({"image": image, "caption": [c + "." for c in paraphrases(rng, scene)],
-                            "image_id": str(3_000_000 + i)})
-            bar.update(1)
-        _atomic_write(out / fname, _json_bytes(entries))
-    bar.close()
-    return str(out)
-
-
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -543,13 +537,16 @@ def _check_count(name: str, value, minimum: int) -> None:
 def write_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 20_000,
                 samples_per_shard: int = 5_000, num_eval_per_subset: int = 500, num_zeroshot_per_class: int = 20,
                 image_size: int = 64, num_retrieval_images: int = 200, num_aro_per_subset: int = 100,
-                progress: bool = True) -> WorldPaths:
-    """Write the training shards, the SugarCrepe-format, zero-shot, retrieval and ARO-format sets under out_dir.
+                num_pretrain: int | None = None, progress: bool = True) -> WorldPaths:
+    """Write the pre-training and fine-tuning shards, the SugarCrepe-format, zero-shot, retrieval and ARO-format
+    sets under out_dir. `num_pretrain` None writes as many pre-training samples as fine-tuning ones.
 
     Deterministic in `seed` (byte-identical files for the same arguments). ValueError on bad arguments.
     """
+    num_pretrain = num_train if num_pretrain is None else num_pretrain
     _check_count("seed", seed, -2 ** 63)
     _check_count("num_train", num_train, 1)
+    _check_count("num_pretrain", num_pretrain, 1)
     _check_count("samples_per_shard", samples_per_shard, 1)
     _check_count("num_eval_per_subset", num_eval_per_subset, 1)
     _check_count("num_zeroshot_per_class", num_zeroshot_per_class, 1)
@@ -562,18 +559,24 @@ def write_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 2
     if root.exists() and not root.is_dir():
         raise ValueError(f"output path exists and is not a directory: {root}")
     root.mkdir(parents=True, exist_ok=True)
-    train_pattern, num_shards = _write_train(root, seed, num_train, samples_per_shard, image_size, progress)
-    sugarcrepe_dir = _write_sugarcrepe(root, seed, num_eval_per_subset, image_size, progress)
+    from .synthetic_retrieval_aro import _write_aro, _write_retrieval  # imports this module: import here
+    pretrain_pattern, _, seen = _write_train(root, seed, num_pretrain, samples_per_shard, image_size, progress,
+                                             pretrain=True)
+    train_pattern, num_shards, seen_ft = _write_train(root, seed, num_train, samples_per_shard, image_size, progress)
+    sugarcrepe_dir = _write_sugarcrepe(root, seed, num_eval_per_subset, image_size, progress, seen | seen_ft)
     zeroshot_dir = _write_zeroshot(root, seed, num_zeroshot_per_class, samples_per_shard, image_size, progress)
     retrieval_dir = _write_retrieval(root, seed, num_retrieval_images, samples_per_shard, image_size, progress)
     aro_dir = _write_aro(root, seed, num_aro_per_subset, image_size, progress)
     paths = WorldPaths(str(root), train_pattern, sugarcrepe_dir, zeroshot_dir, num_train, num_shards, retrieval_dir,
-                       aro_dir)
-    manifest = {"seed": seed, "num_train": num_train, "samples_per_shard": samples_per_shard,
+                       aro_dir, pretrain_pattern, num_pretrain)
+    manifest = {"seed": seed, "num_train": num_train, "num_pretrain": num_pretrain,
+                "samples_per_shard": samples_per_shard,
                 "num_eval_per_subset": num_eval_per_subset, "num_zeroshot_per_class": num_zeroshot_per_class,
                 "num_retrieval_images": num_retrieval_images, "num_aro_per_subset": num_aro_per_subset,
                 "image_size": image_size, "colours": COLOURS, "shapes": SHAPES, "sizes": list(SIZES),
-                "relations": RELATIONS, "paths": asdict(paths)}
+                "relations": RELATIONS, "pretrain_colours": PRETRAIN_COLOURS, "pretrain_shapes": PRETRAIN_SHAPES,
+                "held_out_pairs": sorted(HELD_OUT_PAIRS), "held_out_triples": sorted(HELD_OUT_TRIPLES),
+                "paths": asdict(paths)}
     _atomic_write(root / "world.json", _json_bytes(manifest, indent=2))
     return paths
 
@@ -583,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="clove-dist world", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
-    p.add_argument("--num-train", type=int, default=20_000, help="training images")
+    p.add_argument("--num-train", type=int, default=20_000, help="fine-tuning images (LAION-COCO layout)")
+    p.add_argument("--num-pretrain", type=int, default=None, help="pre-training images (default: --num-train)")
     p.add_argument("--samples-per-shard", type=int, default=5_000, help="samples per tar shard")
     p.add_argument("--num-eval-per-subset", type=int, default=500, help="examples in each SugarCrepe subset")
     p.add_argument("--num-zeroshot-per-class", type=int, default=20, help="zero-shot test images per class")
@@ -597,10 +601,12 @@ def main(argv: list[str] | None = None) -> int:
                             samples_per_shard=args.samples_per_shard, num_eval_per_subset=args.num_eval_per_subset,
                             num_zeroshot_per_class=args.num_zeroshot_per_class, image_size=args.image_size,
                             num_retrieval_images=args.num_retrieval_images,
-                            num_aro_per_subset=args.num_aro_per_subset, progress=not args.no_progress)
+                            num_aro_per_subset=args.num_aro_per_subset, num_pretrain=args.num_pretrain,
+                            progress=not args.no_progress)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"pretrain:   {paths.pretrain_pattern} ({paths.num_pretrain} samples)")
     print(f"train:      {paths.train_pattern} ({paths.num_train} samples)")
     print(f"sugarcrepe: {paths.sugarcrepe_dir}")
     print(f"zeroshot:   {paths.zeroshot_dir}")
