@@ -3,15 +3,13 @@ is never loaded. Real 2-rank torchrun runs, killed whole (launcher and ranks) wi
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from launch import REPO, cpu_env, free_port, run, train_args
+from launch import REPO, cpu_env, free_port, kill_tree, run, train_args
 
 from clove_dist.checkpoint import MANIFEST
 
@@ -57,7 +55,7 @@ def _kill_when(world, out, delay_s: float, mid_save: bool) -> list[int]:
                 break
         time.sleep(0.005 if mid_save else 0.05)
     assert proc.poll() is None, "the run ended before it could be killed: make STEPS larger"
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # the launcher and both ranks (torchrun puts each rank in a session of its own)
     proc.wait()
     return _partial_tags(ckpt_dir)
 

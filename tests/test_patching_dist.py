@@ -9,13 +9,13 @@ Run as a script by torchrun (see `_launch`), this file is the worker of each ran
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import kill_tree
 import torch
 
 STEPS = 2
@@ -140,7 +140,7 @@ def _launch(stage: str, root: Path, repo: Path) -> None:
     try:
         _, err = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: a hung rank must not outlive the test
+        kill_tree(proc.pid)  # torchrun and both ranks (each in a session of its own): none may outlive the test
         _, err = proc.communicate()
         pytest.fail(f"torchrun did not finish in 400 s: {err[-4000:]}")
     assert proc.returncode == 0, err[-6000:]
