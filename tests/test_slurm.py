@@ -41,7 +41,7 @@ def test_sbatch_two_tasks_train(world, tmp_path, request):
            "--set", "patching.alphas=[]"]
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    output = log.read_text() if log.exists() else ""
+    output = log.read_text(errors="replace") if log.exists() else ""  # a progress bar cut by a kill
     assert proc.returncode == 0, f"{proc.stderr}\n{output[-4000:]}"
     assert "2 tasks on 1 node(s)" in output
     lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
@@ -98,7 +98,7 @@ def test_time_limit_preempts_requeues_and_resumes(world, tmp_path, request):
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.split()[-1]  # "Submitted batch job N"; `--wait` returns when the first run is requeued
     state = _wait_for_job(job, timeout_s=1500)
-    output = log.read_text() if log.exists() else ""
+    output = log.read_text(errors="replace") if log.exists() else ""  # a progress bar cut by a kill
     assert state == "COMPLETED", f"job {job} ended {state}\n{output[-4000:]}"
     steps_logged, events = _events(tmp_path / "debug")
     assert [r["step"] for r in steps_logged] == list(range(1, steps + 1))
@@ -135,7 +135,7 @@ def test_scancel_term_saves_and_stops(world, tmp_path, request):
         time.sleep(1)
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
     state = _wait_for_job(job, timeout_s=300)
-    output = log.read_text() if log.exists() else ""
+    output = log.read_text(errors="replace") if log.exists() else ""  # a progress bar cut by a kill
     steps, events = _events(tmp_path / "debug")
     assert [(e["event"], e["signal"]) for e in events] == [("preempted", "SIGTERM")], output[-3000:]
     stopped = events[0]["step"]
