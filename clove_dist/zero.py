@@ -132,12 +132,12 @@ def full_fp32_state(engine: Any, model: nn.Module, keep: bool) -> dict[str, torc
     every rank takes part, only the rank with keep=True holds the CPU copy."""
     from deepspeed.utils import safe_get_full_fp32_param
     state: dict[str, torch.Tensor] = {}
+    masters = zero0_masters(engine)  # once, not once per parameter
     for name, p in model.named_parameters():
         if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
             value = safe_get_full_fp32_param(p)
         else:
-            value = _zero0_master(engine, p)
-            value = p.detach() if value is None else value
+            value = masters.get(id(p), p.detach())
         if keep:
             state[name] = value.float().cpu().clone()
     if keep:
