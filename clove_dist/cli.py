@@ -6,6 +6,7 @@
     clove-dist negatives --shards 'data/world/train/{00000..00003}.tar' --workers 2
     clove-dist patch --pretrained A --finetuned B|RUN/checkpoints --alpha 0.6 --out C.safetensors
     clove-dist export RUN/checkpoints --out F.safetensors   # any ZeRO stage / world size, one tensor at a time
+    torchrun --nproc_per_node N -m clove_dist.cli patch --checkpoint RUN --alpha 0.6   # sharded, on the ranks
     clove-dist sweep --model M --pretrained A --finetuned B --alphas 0:1:0.1 --sugarcrepe DIR --zeroshot DIR --out D
     clove-dist eval --model clove-tiny --pretrained C.safetensors --sugarcrepe DIR --zeroshot DIR \\
         --retrieval DIR --aro DIR [--no-strict] [--out r.json]

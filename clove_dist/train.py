@@ -151,14 +151,39 @@ class Trainer:
 
     # -- build -------------------------------------------------------------------------------------------------
     def build(self) -> None:
+        from .data.pipeline import expand_shards
+        cfg = self.cfg
+        expand_shards(cfg.data.train_shards)  # user mistakes surface before anything is written
+        self.build_engine()
+        env = self.env
+        # Counted from the samples still to draw, so a run resumed on another number of ranks draws
+        # train.total_samples in all, not that many steps of another size.
+        remaining = max(0, cfg.train.total_samples - self.samples_seen)
+        self.total_steps = self.step + math.ceil(remaining / self.global_batch)
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        if env.is_main:
+            self.ckpt.directory.mkdir(parents=True, exist_ok=True)
+            write_run_config(cfg, self.run_dir, self.found[1] if self.found else None)
+        if env.is_main:  # also a run killed before its first checkpoint starts the file anew
+            dropped = cckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if dropped:
+                log(f"dropped {dropped} metric line(s) logged after the checkpoint of step {self.step}")
+        self.reporter = build_reporters(cfg.run, self.run_dir, is_main=env.is_main, config=to_dict(cfg))
+        if self.found:
+            self.reporter.event("resumed", self.step, checkpoint=self.found[1], world_size=env.world_size)
+        self.evaluator = TrainingEvaluator(cfg.eval, cfg.model.name, self.run_dir, env.device, seed=cfg.run.seed)
+        self.evaluator.forget_after(self.step, env.is_main)
+        self._build_loader()
+
+    def build_engine(self) -> None:
+        """The model and its DeepSpeed engine, loaded from the checkpoint checkpoint.resume finds; writes nothing
+        but a universal conversion when the checkpoint is of another world size."""
         cfg = self.cfg
         self.env = cdist.setup(cfg.run.device, cfg.distributed.backend, cfg.distributed.timeout_minutes)
         import deepspeed  # after setup(): DS_ACCELERATOR must be set before DeepSpeed picks its accelerator
         # DeepSpeed 0.19 calls collectives that torch 2.14 deprecates, once per call: say it once, not every step.
         warnings.filterwarnings("once", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        from .data.pipeline import expand_shards
-
-        expand_shards(cfg.data.train_shards)  # user mistakes surface before anything is written
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.ckpt = cckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.found = cdist.from_rank0(lambda: self.ckpt.find(cfg.checkpoint.resume))  # one reading of the disk
@@ -188,25 +213,6 @@ class Trainer:
                                                     config=ds_cfg, dist_init_required=False)
         if self.found:
             self._load(load_tag)
-        # Counted from the samples still to draw, so a run resumed on another number of ranks draws
-        # train.total_samples in all, not that many steps of another size.
-        remaining = max(0, cfg.train.total_samples - self.samples_seen)
-        self.total_steps = self.step + math.ceil(remaining / self.global_batch)
-        if cfg.train.max_steps:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        if env.is_main:
-            self.ckpt.directory.mkdir(parents=True, exist_ok=True)
-            write_run_config(cfg, self.run_dir, self.found[1] if self.found else None)
-        if env.is_main:  # also a run killed before its first checkpoint starts the file anew
-            dropped = cckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            if dropped:
-                log(f"dropped {dropped} metric line(s) logged after the checkpoint of step {self.step}")
-        self.reporter = build_reporters(cfg.run, self.run_dir, is_main=env.is_main, config=to_dict(cfg))
-        if self.found:
-            self.reporter.event("resumed", self.step, checkpoint=self.found[1], world_size=env.world_size)
-        self.evaluator = TrainingEvaluator(cfg.eval, cfg.model.name, self.run_dir, env.device, seed=cfg.run.seed)
-        self.evaluator.forget_after(self.step, env.is_main)
-        self._build_loader()
 
     def _lr(self, _step: int) -> float:
         """Multiplier of the peak lr for the next step, by samples drawn so far: the schedule's steps are of the

@@ -75,6 +75,13 @@ def test_readme_training_commands_run_as_written(tmp_path):
         ranks = 2 if name == "torchrun" else 1
         assert records[-1]["samples"] == 1280 // (32 * ranks) * 32 * ranks, name  # debug.yaml: 1,280 samples
         assert (d / "runs" / "debug" / "export" / "finetuned.safetensors").is_file(), name
+    # the on-demand sharded patch of "The other commands", on the torchrun run it names
+    other = _commands((REPO / "README.md").read_text().split("## The other commands", 1)[1].split("\n## ", 1)[0])
+    patch_cmd = next(c for c in other if c.startswith("torchrun") and "--checkpoint runs/debug" in c)
+    _sh(patch_cmd, d)
+    tag = (d / "runs" / "debug" / "checkpoints" / "latest").read_text().strip()
+    assert sorted(p.name for p in (d / "runs" / "debug" / "export" / tag).glob("*.safetensors")) == [
+        "finetuned.safetensors", "patched_alpha0.4.safetensors", "patched_alpha0.6.safetensors"]
     # debug.yaml's header prints the same world command, and a train command that differs only in its override
     header = _header_commands(REPO / "configs" / "debug.yaml")
     assert header[0] == world_cmd

@@ -6,6 +6,7 @@
     sharded.py     in-run export: every rank writes the ZeRO partition it owns (export_sharded, a collective)
     checkpoint.py  DeepSpeed checkpoints of any stage and world size read one parameter at a time
     commands.py    `clove-dist patch` and `clove-dist export`
+    run.py         `clove-dist patch --checkpoint RUN_DIR`: the sharded export of a run's checkpoint, on its ranks
     sweep.py       `clove-dist sweep`: evaluate many alphas, plot compositionality against zero-shot
 """
 from .sharded import FINETUNED_NAME, export_sharded

@@ -5,6 +5,10 @@
     clove-dist patch --pretrained base.safetensors --finetuned runs/base/export/finetuned.safetensors \\
         --alpha 0.2 0.4 0.6 --out patched/              # one patched_alpha<A>.safetensors per alpha
     clove-dist export runs/base/checkpoints --out finetuned.safetensors      # the tag in `latest`, any ZeRO stage
+    torchrun --nproc_per_node 8 -m clove_dist.cli patch --checkpoint runs/base --alpha 0.6   # on the run's ranks
+
+With --checkpoint RUN_DIR the patch runs sharded on the ranks it is launched on, like the end of training
+(patching/run.py); otherwise it runs offline in one process.
 
 Inputs: .safetensors/.pt/.bin weights, a DeepSpeed checkpoint directory (any stage, any world size), or the
 consolidated file DeepSpeed's zero_to_fp32 writes. Outputs load with `open_clip.create_model(name,
@@ -26,16 +30,31 @@ from .stream import (PatchError, check_alpha, check_compatible, check_output, op
 @entry_point
 def patch_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clove-dist patch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pretrained", required=True, help="pre-trained weights (.safetensors/.pt/.bin)")
-    ap.add_argument("--finetuned", required=True,
+    ap.add_argument("--pretrained", default="",
+                    help="pre-trained weights (.safetensors/.pt/.bin); with --checkpoint, default: the run's")
+    ap.add_argument("--finetuned", default="",
                     help="fine-tuned weights of the same architecture, or a DeepSpeed checkpoint directory")
+    ap.add_argument("--checkpoint", default="", metavar="RUN_DIR",
+                    help="patch a run's checkpoint on the ranks this is launched on (torchrun/srun), sharded")
+    ap.add_argument("--tag", default=None, help="with --checkpoint: the checkpoint tag (default: `latest`)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --checkpoint: override a key of the run's config, e.g. run.device=cpu")
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.6], help="interpolation weight(s) of the fine-tuned")
-    ap.add_argument("--out", required=True,
-                    help="output .safetensors (several alphas: a directory receiving patched_alpha<A>.safetensors)")
+    ap.add_argument("--out", default="",
+                    help="output .safetensors (several alphas: a directory receiving patched_alpha<A>.safetensors); "
+                         "with --checkpoint, a directory (default: RUN_DIR/export/<tag>)")
     ap.add_argument("--allow-extrapolation", action="store_true", help="accept alphas outside [0, 1]")
     ap.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     args = ap.parse_args(argv)
     alphas = [check_alpha(a, args.allow_extrapolation) for a in args.alpha]
+    if args.checkpoint:
+        return _patch_run(args, alphas)
+    if not (args.pretrained and args.finetuned):
+        raise PatchError("patch: give --pretrained A and --finetuned B, or --checkpoint RUN_DIR")
+    if args.tag or args.overrides:
+        raise PatchError("patch: --tag and --set go with --checkpoint RUN_DIR")
+    if not args.out:
+        raise PatchError("patch: give --out")
     if len(alphas) == 1 and str(args.out).endswith(".safetensors"):
         outs = [Path(args.out)]
     else:
@@ -50,6 +69,21 @@ def patch_main(argv: list[str] | None = None) -> int:
         patch_files(args.pretrained, args.finetuned, a, str(out), allow_extrapolation=args.allow_extrapolation,
                     overwrite=True)
         print(out)
+    return 0
+
+
+def _patch_run(args, alphas: list[float]) -> int:
+    from .. import dist as cdist
+    from .run import patch_run
+    if args.finetuned:
+        raise PatchError("patch: --checkpoint RUN_DIR is the fine-tuned model; drop --finetuned")
+    if args.out.endswith(".safetensors"):
+        raise PatchError("patch --checkpoint: --out is a directory (finetuned.safetensors, patched_alpha<A>...)")
+    written = patch_run(args.checkpoint, alphas, tag=args.tag, out=args.out, pretrained=args.pretrained,
+                        overrides=args.overrides, overwrite=args.overwrite,
+                        allow_extrapolation=args.allow_extrapolation)
+    if cdist.rank() == 0:
+        print("\n".join(str(p) for p in written))
     return 0
 
 

@@ -282,7 +282,8 @@ def _check_pretrained(path: str, specs: list[tuple[str, tuple, torch.dtype]]) ->
 
 def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], model_name: str,
                    pretrained: str | None, alphas: Sequence[float], out_dir: str | os.PathLike, seed: int,
-                   *, model_cfg=None, force_streaming: bool = False, engine: Any = None) -> list[Path]:
+                   *, model_cfg=None, force_streaming: bool = False, engine: Any = None,
+                   allow_extrapolation: bool = False) -> list[Path]:
     """Write finetuned.safetensors and patched_alpha<A>.safetensors for every alpha into out_dir (collective).
 
     clip: the model the engine wraps (parameters under ZeRO management); original_shapes: what
@@ -295,7 +296,7 @@ def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], mode
     Returns the written paths (they exist on rank 0's file system; on every rank when out_dir is shared).
     """
     rank, world = _rank_world()
-    alphas = [check_alpha(a) for a in alphas]
+    alphas = [check_alpha(a, allow_extrapolation) for a in alphas]
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

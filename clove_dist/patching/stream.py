@@ -148,7 +148,7 @@ def open_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
 
 def patched_name(alpha: float) -> str:
     """File name of the weights patched at `alpha`: distinct for distinct alphas (0.6 -> patched_alpha0.6...)."""
-    return f"patched_alpha{check_alpha(alpha):g}.safetensors"
+    return f"patched_alpha{check_alpha(alpha, allow_extrapolation=True):g}.safetensors"
 
 
 def check_alpha(alpha: float, allow_extrapolation: bool = False) -> float:
