@@ -14,12 +14,14 @@
               vocabulary written next to the shards (REPLACE then only picks words the captions use)
 4. clove      fine-tuning from the base weights on the synthetic captions with hard negatives, REPLACE and
               NegCLIP-style swaps (the same trainer as `clove-dist train`)
-5. patch      w = (1 - alpha) * base + alpha * fine-tuned for alpha 0, 0.6 and 1
-6. eval       each model on the SugarCrepe-format set and zero-shot classification
+5. sweep      `clove-dist sweep`: w = (1 - alpha) * base + alpha * fine-tuned for alpha 0, 0.2, ..., 1, each
+              evaluated on the SugarCrepe-format set and zero-shot classification; sweep.png plots one against
+              the other, the curve alpha is picked from
 
 The training settings are configs/demo.yaml (shipped with the package; --config for another); the flags below set
-the sizes. Writes results.md (the table) and results.json (one row per model: model, alpha, replace, swap, add,
-sugarcrepe_avg, zeroshot_top1, in percent).
+the sizes. Writes results.md (the table: base, CLoVe at alpha 0.6, fine-tuned), results.json (one row per model:
+model, alpha, replace, swap, add, sugarcrepe_avg, zeroshot_top1, in percent), and the sweep's sweep.csv,
+sweep.json, sweep.png and eval_alpha<A>.json.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Any
 from .errors import entry_point
 from .log import log
 
-ALPHAS = (0.0, 0.6, 1.0)
+ALPHAS = (0.0, 0.6, 1.0)  # the table's rows: base, CLoVe as the paper patches it, fine-tuned
 
 
 def _stage(title: str) -> float:
@@ -78,6 +80,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    """The sweep as one line per quantity, a column per alpha, in percent."""
+    lines = [("alpha", [f"{r['alpha']:g}" for r in rows]),
+             ("SC avg", [f"{100 * r['sugarcrepe']:.1f}" for r in rows]),
+             ("zero-shot top-1", [f"{100 * r['zeroshot_top1']:.1f}" for r in rows])]
+    return "\n".join(f"{head:<16}" + "".join(f"{v:>7}" for v in vals) for head, vals in lines)
 
 
 def seeds_table(runs: list[list[dict[str, Any]]]) -> str:
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of both trainings")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep-alphas", nargs="+", default=["0:1:0.2"],
+                    help="alphas of the sweep, start:stop:step and/or numbers (0, 0.6 and 1 are always in)")
     ap.add_argument("--ablations", action="store_true",
                     help="also fine-tune without hard negatives, on alt-text, with REPLACE only and with swaps "
                          "only; writes ablations.md")
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"run.output_dir={out / 'runs'}", f"data.batch_size={args.batch_size}",
               f"data.num_workers={args.workers}", f"run.seed={args.seed}", "patching.alphas=[]"]
 
-    t = _stage("1/6 world: alt-text and synthetic-caption shards, SugarCrepe-format and zero-shot sets")
+    t = _stage("1/5 world: alt-text and synthetic-caption shards, SugarCrepe-format and zero-shot sets")
     world = write_world(out / "world", seed=args.seed, num_train=args.num_train, num_pretrain=args.num_pretrain,
                         samples_per_shard=max(1, args.num_train // 4), num_eval_per_subset=args.num_eval,
                         num_zeroshot_per_class=args.num_zeroshot_per_class, image_size=64, num_retrieval_images=16,
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   {world.num_pretrain} pre-training and {world.num_train} fine-tuning images "
         f"({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"2/6 base: clove-tiny from scratch on alt-text, {args.base_steps} steps without negatives")
+    t = _stage(f"2/5 base: clove-tiny from scratch on alt-text, {args.base_steps} steps without negatives")
     base = _train(config, common + [
         "run.name=base", f"data.train_shards={world.pretrain_pattern}", "negatives.style=none",
         "data.caption_key=txt",
@@ -176,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     base_weights = str(Path(base["run_dir"]) / "export" / "finetuned.safetensors")
     log(f"   loss {base['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
 
-    t = _stage("3/6 negatives: parse every caption once, sidecar next to each shard")
+    t = _stage("3/5 negatives: parse every caption once, sidecar next to each shard")
     rc = precompute.main(["--shards", world.train_pattern, "--workers", str(max(1, args.workers))])
     if rc != 0:
         return rc
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"4/6 clove: fine-tune from base with hard negatives, {args.clove_steps} steps")
+    t = _stage(f"4/5 clove: fine-tune from base with hard negatives, {args.clove_steps} steps")
     vocabulary = Path(world.train_pattern).parent / "negatives.vocab.json"  # written by `clove-dist negatives`
     clove = _train(config, common + [
         "run.name=clove", f"data.train_shards={world.train_pattern}", f"model.pretrained={base_weights}",
@@ -191,30 +203,29 @@ def main(argv: list[str] | None = None) -> int:
     clove_weights = str(Path(clove["run_dir"]) / "export" / "finetuned.safetensors")
     log(f"   loss {clove['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
 
-    t = _stage("5/6 patch: alpha 0, 0.6, 1")
-    from .patching import patch_files, patched_name
-    patched = {a: str(patch_files(base_weights, clove_weights, a, str(out / patched_name(a)), progress=False))
-               for a in ALPHAS}
-    log(f"   ({time.perf_counter() - t:.0f} s)")
-
-    t = _stage("6/6 eval: SugarCrepe-format set and zero-shot classification")
+    t = _stage("5/5 sweep: patch at every alpha, evaluate each on the SugarCrepe-format and zero-shot sets")
+    from .patching.sweep import parse_alphas, sweep
+    alphas = sorted(set(parse_alphas(args.sweep_alphas)) | set(ALPHAS))
+    swept = sweep("clove-tiny", base_weights, clove_weights, alphas, out, sugarcrepe=world.sugarcrepe_dir,
+                  zeroshot=world.zeroshot_dir, batch_size=128, save_patched=True, progress=False,
+                  title="clove-tiny on the synthetic world: base (alpha 0) to CLoVe fine-tuned (alpha 1)")
     rows = []
     for a in ALPHAS:
         name = {0.0: "base (alpha 0)", 1.0: "fine-tuned (alpha 1)"}.get(a, f"CLoVe (alpha {a})")
-        res = _evaluate(patched[a], world, batch_size=128)
-        rows.append(_row(name, a, res))
-        (out / f"eval_alpha{a:g}.json").write_text(json.dumps(res, indent=2) + "\n")
+        rows.append(_row(name, a, json.loads((out / f"eval_alpha{a:g}.json").read_text())))
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
+    print("\n" + format_sweep(swept))
+    print(f"alpha sweep, SugarCrepe average against zero-shot top-1: {out / 'sweep.png'}")
     if args.ablations:
         ablations = _ablations(config, common, world, base_weights, vocabulary, rows, args, out)
         (out / "ablations.md").write_text(ablations + "\n")
         print("\n" + ablations)
     log(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s; outputs in {out}:")
     log("  world/  runs/base, runs/clove (metrics.jsonl, checkpoints, exports)  patched_alpha*.safetensors  "
-        "eval_alpha*.json  results.md  results.json")
+        "eval_alpha*.json  sweep.csv  sweep.json  sweep.png  results.md  results.json")
     return 0

@@ -25,6 +25,12 @@ def test_small_demo(tmp_path, capsys):
         res = json.loads((out / f"eval_alpha{a}.json").read_text())
         assert 0.0 <= res["sugarcrepe"]["average"] <= 1.0 and 0.0 <= res["zeroshot"]["top1"] <= 1.0
         assert (out / f"patched_alpha{a}.safetensors").is_file()
+    # the alpha sweep: 0 to 1 in steps of 0.2, the same evaluations as the table's rows, and its picture
+    swept = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["alpha"] for r in swept] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (700).to_bytes(4, "big") + (500).to_bytes(4, "big")
+    assert str(out / "sweep.png") in captured.out
     rows = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["alpha"]) for r in rows] == [("base (alpha 0)", 0.0), ("CLoVe (alpha 0.6)", 0.6),
                                                         ("fine-tuned (alpha 1)", 1.0)]
@@ -32,6 +38,7 @@ def test_small_demo(tmp_path, capsys):
         res = json.loads((out / f"eval_alpha{a}.json").read_text())
         assert r["sugarcrepe_avg"] == round(100 * res["sugarcrepe"]["average"], 2)
         assert r["zeroshot_top1"] == round(100 * res["zeroshot"]["top1"], 2)
+        assert r["sugarcrepe_avg"] == round(100 * next(x for x in swept if x["alpha"] == r["alpha"])["sugarcrepe"], 2)
     # The ablations: one fine-tuning run each from the same base, each at alpha 0.6 and 1, beside full CLoVe.
     ablations = json.loads((out / "ablations.json").read_text())
     assert len(ablations) == 2 + 2 * 4 and (out / "ablations.md").read_text().strip() in captured.out

@@ -3,8 +3,8 @@
     clove-dist sweep --model ViT-B-32-quickgelu --pretrained base.safetensors --finetuned runs/clove/checkpoints \\
         --alphas 0:1:0.1 --sugarcrepe data/sugarcrepe --zeroshot data/imagenet --out sweep/
 
-writes sweep/sweep.csv and sweep/sweep.json (one row per alpha: SugarCrepe average and groups, zero-shot top-1)
-and sweep/sweep.png: SugarCrepe average (compositionality) against zero-shot top-1, one labelled point per alpha,
+writes sweep/sweep.csv and sweep/sweep.json (one row per alpha: SugarCrepe average and groups, zero-shot top-1),
+sweep/eval_alpha<A>.json (every number the evaluation gave for that alpha, per subset) and sweep/sweep.png: SugarCrepe average (compositionality) against zero-shot top-1, one labelled point per alpha,
 joined in alpha order. CLoVe's paper picks alpha 0.6 from this curve.
 
 Each patched model is written into one model in memory, tensor by tensor, from the memory-mapped inputs (no second
@@ -108,8 +108,10 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -
 
 def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float], out: Path, *,
           sugarcrepe: str = "", sugarcrepe_images: str = "", zeroshot: str = "", device: str = "cpu",
-          batch_size: int = 64, save_patched: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate every alpha; writes sweep.csv, sweep.json (after each alpha) and sweep.png into `out`."""
+          batch_size: int = 64, save_patched: bool = False, progress: bool = True,
+          title: str = "") -> list[dict[str, Any]]:
+    """Evaluate every alpha; writes sweep.csv, sweep.json, eval_alpha<A>.json (after each alpha) and sweep.png
+    (titled `title`, default: the model and the two inputs) into `out`."""
     from ..config import ModelConfig
     from ..dist import pick_device
     from ..eval import evaluate_all
@@ -135,13 +137,15 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
         res = evaluate_all(model, preprocess, tokenizer, sugarcrepe_dir=sugarcrepe,
                            sugarcrepe_image_dir=sugarcrepe_images, zeroshot_dir=zeroshot, device=dev,
                            batch_size=batch_size, progress=False)
+        (out / f"eval_alpha{alpha:g}.json").write_text(json.dumps(res, indent=2) + "\n")
         rows.append(_row(alpha, res, time.perf_counter() - t))
         r = rows[-1]
         log(f"alpha {alpha:g}: SugarCrepe average {r['sugarcrepe']}, zero-shot top-1 {r['zeroshot_top1']} "
             f"({r['seconds']:.1f} s)")
         _write_tables(rows, out, meta)
     if sugarcrepe and zeroshot:
-        plot(rows, out / "sweep.png", f"{model_name}: patching {Path(pretrained).name} -> {Path(finetuned).name}")
+        plot(rows, out / "sweep.png",
+             title or f"{model_name}: patching {Path(pretrained).name} -> {Path(finetuned).name}")
     return rows
 
 
