@@ -9,6 +9,7 @@ log step: loss, lr, logit scale, samples/s, skipped samples; plus `{"event": "pr
 lines), checkpoints/ (see clove_dist/checkpoint.py: a manifest marks a complete one, `latest` moves atomically), and
 at the end export/: finetuned.safetensors and one patched_alpha<A>.safetensors per patching alpha, each loadable with
 `open_clip.create_model(model.name, pretrained=path)`, plus open_clip_config.json for `local-dir:` loading.
+Rank 0 holds run.lock (clove_dist/run_lock.py) while the run lives: a second run on the same directory is refused.
 
 Rerunning the same command resumes from the latest complete checkpoint (checkpoint.resume: auto), on the same or on
 another number of ranks; a finished run says so and exits. SIGUSR1 or SIGTERM make every rank save at the next step
@@ -48,6 +49,7 @@ from .loss import ContrastiveLoss
 from .preemption import PREEMPTED_EXIT, Preemption, requeue_slurm_job
 from .patching import export_sharded
 from .reporting import build_reporters, hard_negative_stats, neg_metrics
+from .run_lock import RunLock
 
 UNIVERSAL_CHECKPOINT_VERSION = 0.4  # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE (0.19)
 
@@ -148,12 +150,18 @@ class Trainer:
         self.loss_value = float("nan")
         self.saved_step = -1
         self.preemption: Preemption | None = None
+        self.lock: RunLock | None = None
 
     # -- build -------------------------------------------------------------------------------------------------
     def build(self) -> None:
         from .data.pipeline import expand_shards
         cfg = self.cfg
         expand_shards(cfg.data.train_shards)  # user mistakes surface before anything is written
+        cdist.setup(cfg.run.device, cfg.distributed.backend, cfg.distributed.timeout_minutes)
+
+        def take_lock() -> None:  # rank 0, before anything in the run directory is read or written
+            self.lock = RunLock.acquire(Path(cfg.run.output_dir) / cfg.run.name)
+        cdist.from_rank0(take_lock)  # every rank raises when another run holds the directory
         self.build_engine()
         env = self.env
         # Counted from the samples still to draw, so a run resumed on another number of ranks draws
@@ -422,6 +430,14 @@ def train(cfg: Config, handle_signals: bool = False) -> dict[str, Any]:
     """Run (or resume) training as configured; returns a summary (steps, last loss, export paths) on every rank.
     With handle_signals, SIGUSR1/SIGTERM stop the run at the next step with a checkpoint (summary "preempted")."""
     trainer = Trainer(cfg)
+    try:
+        return _train(trainer, handle_signals)
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()
+
+
+def _train(trainer: Trainer, handle_signals: bool) -> dict[str, Any]:
     trainer.build()
     if trainer.is_complete():
         log(f"run {trainer.run_dir} is already complete: {trainer.step} steps; its exports are in "
