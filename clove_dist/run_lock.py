@@ -8,7 +8,11 @@ stale one; NFS carries it to other machines. A file system without locks gets a 
 
     lock = RunLock.acquire(run_dir)      # UserError naming the holder when another run has it
     ...
-    lock.release()
+    lock.release()                       # a run that wrote nothing leaves no directory behind
+
+A run that fails before writing anything (a wrong checkpoint, a bad weights file) removes the lock file and the
+directory it created, so the failed command leaves the disk as it found it. The lock file may thus be unlinked by
+its holder; a process that locked a file no longer at the path tries again.
 """
 from __future__ import annotations
 
@@ -29,31 +33,50 @@ def _holder_text() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}" + (f", SLURM job {job}" if job else "")
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class RunLock:
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
+    def __init__(self, run_dir: Path, fd: int | None, created_dir: bool) -> None:
+        self.run_dir, self.fd, self.created_dir = run_dir, fd, created_dir
 
     @classmethod
     def acquire(cls, run_dir: Path) -> "RunLock":
-        run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+        while True:
+            created_dir = not run_dir.is_dir()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the directory went away with a failed run's cleanup: again
+                continue
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+                    os.close(fd)
+                    raise UserError(f"run directory {run_dir} is in use by another run ({holder}); wait for it "
+                                    f"to end, or give this one another run.name") from None
                 os.close(fd)
-                raise UserError(f"run directory {run_dir} is in use by another run ({holder}); wait for it to "
-                                f"end, or give this one another run.name") from None
-            os.close(fd)
-            log(f"WARNING: cannot lock {path} ({e.strerror}): make sure no other run uses {run_dir}")
-            return cls(None)
+                log(f"WARNING: cannot lock {path} ({e.strerror}): make sure no other run uses {run_dir}")
+                return cls(run_dir, None, False)
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # locked a file its holder unlinked on leaving: take the one at the path now
         os.ftruncate(fd, 0)
         os.pwrite(fd, (_holder_text() + "\n").encode(), 0)
-        return cls(fd)
+        return cls(run_dir, fd, created_dir)
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # the process's last descriptor of the file: the lock goes with it
-            self.fd = None
+        if self.fd is None:
+            return
+        if self.created_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+            (self.run_dir / LOCK_NAME).unlink()  # still holding the lock: nobody can have taken it meanwhile
+            self.run_dir.rmdir()
+        os.close(self.fd)  # the process's last descriptor of the file: the lock goes with it
+        self.fd = None
