@@ -249,6 +249,73 @@ def _block_bwd_dk_kernel(
             tl.store(dk_rows + offs_d[None, :], dk, mask=dk_mask)
 
 
+def fused_autotune_configs() -> list[triton.Config]:
+    """Configs of the fused backward kernel, which holds a dQ and a dK slice per BLOCK_D step: the subset of
+    autotune_configs() that compiles without spills for bf16/fp16 on sm_90a and sm_80
+    (benchmarks/results/kernels_compile.md)."""
+    return autotune_configs()
+
+
+@triton.autotune(configs=fused_autotune_configs(), key=AUTOTUNE_KEY, reset_to_zero=["dq_ptr", "dk_ptr"])
+@triton.jit
+def _block_bwd_fused_kernel(
+    # pointers
+    q_ptr, k_ptr, targets_ptr, mask_ptr, scale_ptr, row_lse_ptr, a_ptr, c_ptr, col_lse_ptr, b_ptr,
+    dq_ptr, ds_ptr, dk_ptr,
+    # sizes
+    R, M, D, C, cols_per_split, R_BUCKET, M_BUCKET,
+    # strides (D has unit stride; dq is [splits, R, D], dk [M, D], both contiguous fp32)
+    stride_qm, stride_km,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The dQ kernel's program, plus dK: each tile's dS serves both products, so S is recomputed once.
+    dK rows are shared by every row block, so they are accumulated with atomic adds."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = offs_m < R
+    tgt = tl.load(targets_ptr + offs_m, mask=row_valid, other=-1)
+    row_lse = tl.load(row_lse_ptr + offs_m, mask=row_valid, other=0.0)
+    a = tl.load(a_ptr + offs_m, mask=row_valid, other=0.0)
+    c = tl.load(c_ptr + offs_m, mask=row_valid, other=0.0)
+    s = tl.load(scale_ptr)
+    col_start = pid_c * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, M)
+    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm
+    dq_rows = dq_ptr + (pid_c.to(tl.int64) * R + offs_m.to(tl.int64))[:, None] * D
+    ds_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(col_start, col_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_in = offs_n < col_end
+        acc = _tile(q_ptr, k_ptr, offs_m, offs_n, row_valid, col_in, D, stride_qm, stride_km,
+                    UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        col_valid = _col_valid(mask_ptr, offs_n, col_in, HAS_MASK)
+        col_lse = tl.load(col_lse_ptr + offs_n, mask=offs_n < C, other=0.0)
+        b = tl.load(b_ptr + offs_n, mask=offs_n < C, other=0.0)
+        dlogits = _dlogits(acc, s, row_valid, col_valid, offs_n, tgt, row_lse, a, c, col_lse, b, C)
+        ds_i += tl.sum(dlogits * acc, axis=1)
+        k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
+        dk_rows = dk_ptr + offs_n.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d[None, :] < D
+            k = tl.load(k_rows + offs_d[None, :], mask=col_in[:, None] & d_in, other=0.0)
+            q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & d_in, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                q = q.to(tl.float32)
+            ds_tile = dlogits.to(k.dtype)  # (BLOCK_M, BLOCK_N), rounded to the input dtype for the dots
+            dq_mask = row_valid[:, None] & d_in
+            dq = tl.load(dq_rows + offs_d[None, :], mask=dq_mask, other=0.0)
+            dq = tl.dot(ds_tile, k, dq, input_precision=DOT_PRECISION)
+            tl.store(dq_rows + offs_d[None, :], dq, mask=dq_mask)
+            dk = tl.dot(tl.trans(ds_tile), q, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+            tl.atomic_add(dk_rows + offs_d[None, :], dk, mask=col_in[:, None] & d_in, sem="relaxed")
+    tl.store(ds_ptr + pid_c.to(tl.int64) * R + offs_m, ds_i, mask=row_valid)
+
+
 # --- host side -------------------------------------------------------------------------------------------------------
 
 def agree_on_autotune(kernel, known_keys: set) -> None:
@@ -353,8 +420,12 @@ def block_forward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: tor
 def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
                           key_mask: torch.Tensor | None, row_lse: torch.Tensor, col_lse: torch.Tensor,
                           grad_row_lse: torch.Tensor, grad_col_lse: torch.Tensor, grad_target: torch.Tensor,
-                          need_q: bool = True, need_k: bool = True, allow_tf32: bool = True
+                          need_q: bool = True, need_k: bool = True, allow_tf32: bool = True,
+                          deterministic: bool = False
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """dQ, dK (input dtype) and dscale. deterministic=False: one fused kernel (dK by atomic adds, 1 recompute of
+    S); True: the dQ and dK kernels (no atomics, bitwise reproducible, 2 recomputes). Without need_k only the dQ
+    kernel runs, which is both."""
     q, k, tgt, s, mask_arg, meta = _prepare(queries, keys, targets, scale, key_mask, allow_tf32)
     num_rows, dim = q.shape
     num_cols = k.shape[0]
@@ -365,7 +436,8 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
     row_blocks, col_blocks = triton.cdiv(num_rows, BLOCK_M), triton.cdiv(num_cols, BLOCK_N)
     num_sms = _num_sms(device)
     buckets = (_bucket(num_rows), _bucket(num_cols))
-    dq = ds = None
+    fused = need_k and not deterministic and num_rows > 0 and num_cols > 0
+    dq = ds = dk = None
     if num_rows and num_cols:
         # Few row blocks: split the columns too, into partial dQ buffers no larger than SCRATCH_BYTES.
         splits = min(_splits(row_blocks, col_blocks, num_sms), max(1, SCRATCH_BYTES // max(1, num_rows * dim * 4)))
@@ -373,16 +445,20 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
         splits = triton.cdiv(num_cols, cols_per_split)
         dq_part = torch.zeros((splits, num_rows, dim), dtype=torch.float32, device=device)
         ds_part = torch.zeros((splits, num_rows), dtype=torch.float32, device=device)
-        _launch(_block_bwd_dq_kernel, (row_blocks, splits),
-            q, k, tgt, mask_arg, s, row_lse, a, c, col_lse, b, dq_part, ds_part,
-            num_rows, num_cols, dim, num_col_stats, cols_per_split, *buckets,
-            q.stride(0), k.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
+        args = (q, k, tgt, mask_arg, s, row_lse, a, c, col_lse, b, dq_part, ds_part)
+        sizes = (num_rows, num_cols, dim, num_col_stats, cols_per_split, *buckets, q.stride(0), k.stride(0))
+        if fused:
+            dk_acc = torch.zeros((num_cols, dim), dtype=torch.float32, device=device)
+            _launch(_block_bwd_fused_kernel, (row_blocks, splits), *args, dk_acc, *sizes,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
+            dk = dk_acc * s
+        else:
+            _launch(_block_bwd_dq_kernel, (row_blocks, splits), *args, *sizes,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
         dq, ds = dq_part.sum(dim=0) * s, ds_part.sum()
     else:
         dq, ds = torch.zeros(num_rows, dim, dtype=torch.float32, device=device), torch.zeros((), device=device)
-    dk = None
-    if need_k:
+    if need_k and dk is None:
         if num_rows and num_cols:
             splits = min(_splits(col_blocks, row_blocks, num_sms), max(1, SCRATCH_BYTES // max(1, num_cols * dim * 4)))
             rows_per_split = triton.cdiv(row_blocks, splits) * BLOCK_M
@@ -396,5 +472,6 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
             dk = dk_part.sum(dim=0) * s
         else:
             dk = torch.zeros(num_cols, dim, dtype=torch.float32, device=device)
+    if dk is not None:
         dk = dk.to(keys.dtype)
     return (dq.to(queries.dtype) if need_q else None), dk, ds.reshape(())

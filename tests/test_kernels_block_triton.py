@@ -6,7 +6,8 @@ On CPU the kernels run in Triton's interpreter in a child process (TRITON_INTERP
 imported; see tests/test_kernels_triton.py). The interpreter pretends the device has 4 SMs, so shapes with few row
 blocks split their columns (forward and dQ) and shapes with few column blocks split their rows (dK): both paths run
 here. The oracle is clove_kernels' materialised block reference in fp64, itself checked against autograd in
-tests/test_kernels_block.py.
+tests/test_kernels_block.py. The backward has two forms, both tested: the fused kernel (default; dK by atomic adds)
+and the deterministic pair of dQ and dK kernels (`deterministic=True`).
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ SHAPES = [(1, 1, 8, 1), (17, 257, 24, 17), (100, 128, 40, 100), (300, 320, 16, 3
 @delegated
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("masked", [False, True])
-def test_block_triton_fp32_matches_fp64_reference(shape, masked):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_block_triton_fp32_matches_fp64_reference(shape, masked, deterministic):
     rows, cols, dim, num_stats = shape
     q, k, targets, mask, a, b, c, extra = make_case(rows, cols, dim, num_stats, masked, seed=sum(shape))
     scale = 14.3 if masked else 100.0
@@ -84,7 +86,8 @@ def test_block_triton_fp32_matches_fp64_reference(shape, masked):
     got_g = clove_kernels.contrastive_block_backward(q.float(), k.float(), targets,
                                                      torch.tensor(scale, device=DEVICE), got.row_lse,
                                                      col_lse.float(), a.float(), b.float(), c.float(),
-                                                     key_mask=mask, impl="triton", allow_tf32=False)
+                                                     key_mask=mask, impl="triton", allow_tf32=False,
+                                                     deterministic=deterministic)
     torch_fp32 = clove_kernels.contrastive_block_backward(q.float(), k.float(), targets,
                                                           torch.tensor(scale, device=DEVICE), got.row_lse,
                                                           col_lse.float(), a.float(), b.float(), c.float(),
@@ -102,7 +105,8 @@ def test_block_triton_fp32_matches_fp64_reference(shape, masked):
 
 @delegated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_block_triton_low_precision(dtype):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_block_triton_low_precision(dtype, deterministic):
     """Same rounded inputs, fp64 oracle: statistics in fp32; gradients rounded once to the input dtype."""
     q, k, targets, mask, a, b, c, extra = make_case(40, 90, 32, 40, True, seed=7)
     q, k = q.to(dtype), k.to(dtype)
@@ -117,7 +121,8 @@ def test_block_triton_low_precision(dtype):
     want_g = clove_kernels.contrastive_block_backward(q.double(), k.double(), targets, s.double(), want.row_lse,
                                                       col_lse, a, b, c, key_mask=mask, impl="reference")
     got_g = clove_kernels.contrastive_block_backward(q, k, targets, s, got.row_lse, col_lse.float(), a.float(),
-                                                     b.float(), c.float(), key_mask=mask, impl="triton")
+                                                     b.float(), c.float(), key_mask=mask, impl="triton",
+                                                     deterministic=deterministic)
     assert got_g[0].dtype == dtype and got_g[1].dtype == dtype
     # dS is rounded to the input dtype before the gradient dots (as flash-attention does) and the result once
     # more: two roundings of 2^-8 (bf16) / 2^-11 (fp16) relative on values of order 1.
@@ -128,7 +133,8 @@ def test_block_triton_low_precision(dtype):
 
 
 @delegated
-def test_contrastive_loss_triton_block_matches_plain_torch():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_contrastive_loss_triton_block_matches_plain_torch(deterministic):
     from clove_dist.loss import ContrastiveLoss
     gen = torch.Generator().manual_seed(3)
     unit = lambda n: F.normalize(torch.randn(n, 24, generator=gen, dtype=torch.float64), dim=1)  # noqa: E731
@@ -142,7 +148,7 @@ def test_contrastive_loss_triton_block_matches_plain_torch():
         loss.backward()
         return [loss.detach().double()] + [t.grad for t in leaves]
 
-    ours = run(lambda i, t, n, s: ContrastiveLoss(impl="triton", allow_tf32=False)(
+    ours = run(lambda i, t, n, s: ContrastiveLoss(impl="triton", allow_tf32=False, deterministic=deterministic)(
         i.float().to(DEVICE), t.float().to(DEVICE), s.float().to(DEVICE), n.float().to(DEVICE), mask.to(DEVICE)))
 
     def plain(i, t, n, s):
@@ -168,3 +174,71 @@ def test_int64_offsets_and_noncontiguous():
     two = clove_kernels.contrastive_block_forward(q32, kt, targets, s, None, 20, impl="triton", allow_tf32=False)
     for x, y in zip(one, two):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def backward_case(shape, masked, scale):
+    """fp64 inputs and the fp64 statistics a backward takes, plus the fp32 copies the kernels get."""
+    rows, cols, dim, num_stats = shape
+    q, k, targets, mask, a, b, c, extra = make_case(rows, cols, dim, num_stats, masked, seed=sum(shape) + 1)
+    s64 = torch.tensor(scale, dtype=torch.float64, device=DEVICE)
+    stats = clove_kernels.contrastive_block_forward(q, k, targets, s64, mask, num_stats, impl="reference")
+    fp64 = (q, k, targets, s64, mask, stats.row_lse, stats.col_lse + extra, a, b, c)
+    fp32 = tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in fp64)
+    return fp64, fp32
+
+
+def triton_backward(case, **kwargs):
+    q, k, targets, s, mask, row_lse, col_lse, a, b, c = case
+    return clove_kernels.block_backward(q, k, targets, s, mask, row_lse, col_lse, a, b, c, "triton",
+                                        allow_tf32=False, **kwargs)
+
+
+@delegated
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("need_q, need_k", [(True, False), (False, True)])
+def test_block_triton_backward_partial_gradients(shape, need_q, need_k):
+    """Asking for one gradient gives that gradient (the fused kernel only runs when dK is wanted; without it the
+    dQ kernel runs alone) and dscale in both cases, against the fp64 oracle."""
+    fp64, fp32 = backward_case(shape, masked=True, scale=30.0)
+    want = clove_kernels.block_backward(*fp64, "reference")
+    dq, dk, ds = triton_backward(fp32, need_q=need_q, need_k=need_k)
+    assert (dq is None) == (not need_q) and (dk is None) == (not need_k)
+    # fp32 against fp64 at scale 30: logits rounded by ~2e-6, carried by exp into every probability; 1e-5 of
+    # the largest gradient leaves a 5x margin over the ~2e-6 errors the full-gradient test measures.
+    for ours, theirs in ((dq, want[0]), (dk, want[1]), (ds, want[2])):
+        if ours is not None:
+            torch.testing.assert_close(ours.double(), theirs, rtol=0, atol=1e-5 * max(1.0, float(theirs.abs().max())))
+
+
+@delegated
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_triton_fused_agrees_with_deterministic(shape, masked):
+    """The fused and the deterministic backward compute the same dS tiles (the same _tile and _dlogits on the
+    same inputs) and differ only in the order their fp32 products are summed: dK by atomic adds over row blocks
+    against per-split partials summed by torch. A sum of n fp32 terms is within (n - 1) u sum|terms| of the exact
+    sum (u = 2^-24), so the two results differ by at most 2 n u sum|terms| per entry, n the number of terms
+    summed, plus u |value| for the final multiplication by s in each; the bound below doubles that for dS, which
+    both compute in fp32 (a relative error of ~1e-5 at most here) and which we take from fp64."""
+    fp64, fp32 = backward_case(shape, masked, scale=50.0)
+    q, k, targets, s, mask, row_lse, col_lse, a, b, c = fp64
+    fused = triton_backward(fp32, deterministic=False)
+    pair = triton_backward(fp32, deterministic=True)
+    logits = clove_kernels.block.block_logits_reference(q, k, s, mask)
+    n = col_lse.shape[0]
+    dlogits = a[:, None] * torch.exp(logits - row_lse[:, None])
+    dlogits[:, :n] += b[None, :] * torch.exp(logits[:, :n] - col_lse[None, :])
+    dlogits[torch.arange(q.shape[0]), targets] += c
+    u = 2.0 ** -24
+    rows, cols = q.shape[0], k.shape[0]
+    abs_terms = {  # sum_terms |term| per entry, and the number of terms summed
+        "dq": (s * dlogits.abs() @ k.abs(), cols),
+        "dk": (s * dlogits.abs().T @ q.abs(), rows),
+        "ds": ((dlogits * (q @ k.T)).abs().sum(), rows * cols),
+    }
+    for (name, (terms, count)), one, two in zip(abs_terms.items(), fused, pair):
+        bound = 2 * (2 * count * u * terms + 2 * u * terms)
+        diff = (one.double() - two.double()).abs()
+        assert bool((diff <= bound).all()), (name, float((diff - bound).max()))
+    if mask is not None:
+        assert float(fused[1][~mask].abs().sum()) == 0.0  # atomics add nothing into masked columns
