@@ -11,20 +11,29 @@ Algorithm
       combines the partial (m, l) of all splits / groups: row LSE [R] complete, column LSE [C] partial over Q.
       With many rows the grid is row groups x 1; with few rows (a rank's 256 images against 256k columns) the
       columns are split so that about twice the SM count of programs run.
-  backward two kernels, deterministic, no atomics:
+  backward (default) one fused kernel, grid (row blocks, column splits):
       dS_ij = a_i exp(S_ij - row_lse_i) + b_j exp(S_ij - col_lse_j) [j < C] + c_i [j == t_i]
-      dQ kernel, grid (row blocks, splits):   dQ_part += dS K_blk  (splits > 1 only when row blocks are few)
-      dK kernel, grid (column blocks, splits): dK_part += dS^T Q_blk
-      Each program owns its rows of its partial accumulator (fp32, read-modify-written per tile, L2-resident);
-      partials over splits and the per-row ds terms are summed by torch in a fixed order.
+      Each program recomputes each of its tiles of S once, forms dS, and for every BLOCK_D slice does
+      dQ_part += dS K_slice (its own rows of a per-split fp32 partial, read-modify-written, no atomics) and
+      dK += dS^T Q_slice, added with fp32 atomics into one [M, D] buffer that all row blocks share.
+      Splits > 1 only when row blocks are few; partials over splits are summed by torch in a fixed order.
+      Traffic of dK: every element receives one atomic fp32 add per row block (R / BLOCK_M), L2-resident, in
+      place of the deterministic path's read-modify-write of its per-split partial.
+  backward (deterministic=True, config `loss.deterministic`) two kernels, no atomics, bitwise reproducible:
+      dQ kernel, grid (row blocks, splits):   dQ_part += dS K_blk  (as above, without dK)
+      dK kernel, grid (column blocks, splits): dK_part += dS^T Q_blk  (its own rows of a per-split partial)
+      Each recomputes its tiles of S. Without dK (need_k=False) only the dQ kernel runs, on either setting.
 
 Precision: bf16/fp16 tiles go to tl.dot as they are (tensor cores, fp32 accumulate); fp32 inputs use TF32 dots unless
 allow_tf32=False (then IEEE fp32 FMA loops). dS is rounded to the input dtype before the gradient dots, as
 flash-attention does. Statistics and loss in fp32; gradients returned in the input dtype.
 Offsets are int64 (row index * stride), so no shape wraps.
 
-Compute: 1 (forward) + 2 x 2 (backward: each kernel recomputes its tile) R x M x D products: 5, against 10 for two
-independent directions. Limitation: D is streamed in BLOCK_D slices (CLIP's D of 512..1024 does not fit on chip).
+Compute, in R x M x D products: forward 1; fused backward 1 recompute + dQ + dK = 3, so 4 in all (against 10 for
+two independent directions); deterministic backward 2 recomputes + 2 = 4, so 5 in all. Atomics make the order in
+which row blocks add into dK vary: fused dK differs run to run in the last bits (fp32 rounding of the sum), dQ and
+dscale do not. Set `loss.deterministic: true` for bitwise-reproducible runs.
+Limitation: D is streamed in BLOCK_D slices (CLIP's D of 512..1024 does not fit on chip).
 Under TRITON_INTERPRET=1 (CPU) tiles are upcast to fp32 before tl.dot: the interpreter's bf16 dot is wrong in
 triton 3.8.
 """
