@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         context_header(ctx), "",
         f"{len(rows)} compilations in {time.time() - t0:.0f} s: Triton's compiler for each target, then the ptxas "
         "shipped in the triton wheel (`ptxas -v`). No GPU was used or needed; nothing here is a run-time number. "
-        "`tc` = dots lowered to tensor-core instructions (wgmma on sm_90a, mma.sync on sm_80) / all dots. "
-        "fp32 rows: TF32 dots for the block kernels (default `loss.allow_tf32: true`), IEEE FMA for `ce_*`. "
+        "`tc` = dots lowered to tensor-core instructions (wgmma on sm_90a, mma.sync on sm_80) / all dots; `atomics` = global atomic instructions (`atom.global.*`, `red.global.*`) in the "
+        "PTX. fp32 rows: TF32 dots for the block kernels (default `loss.allow_tf32: true`), IEEE FMA for `ce_*`. "
         "Shared-memory limits: sm_90a 232,448 B, sm_80 166,912 B per block.", "",
         "## Verdict for the shipped bf16/fp16 configs", "",
         (f"- all {len(shipped_low)} bf16/fp16 compilations: no spills, every dot on tensor cores, shared memory "
