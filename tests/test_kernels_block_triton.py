@@ -134,8 +134,13 @@ def test_block_triton_low_precision(dtype, deterministic):
 
 @delegated
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
-def test_contrastive_loss_triton_block_matches_plain_torch(deterministic):
+def test_contrastive_loss_triton_block_matches_plain_torch(deterministic, monkeypatch):
     from clove_dist.loss import ContrastiveLoss
+    from clove_kernels import block_triton
+    asked = []  # the loss's `deterministic` must reach the Triton backward (a spy: the real function still runs)
+    real = block_triton.block_backward_triton
+    monkeypatch.setattr(block_triton, "block_backward_triton",
+                        lambda *args, **kwargs: asked.append(kwargs["deterministic"]) or real(*args, **kwargs))
     gen = torch.Generator().manual_seed(3)
     unit = lambda n: F.normalize(torch.randn(n, 24, generator=gen, dtype=torch.float64), dim=1)  # noqa: E731
     images, texts, negatives = unit(70), unit(70), unit(50)
@@ -150,6 +155,7 @@ def test_contrastive_loss_triton_block_matches_plain_torch(deterministic):
 
     ours = run(lambda i, t, n, s: ContrastiveLoss(impl="triton", allow_tf32=False, deterministic=deterministic)(
         i.float().to(DEVICE), t.float().to(DEVICE), s.float().to(DEVICE), n.float().to(DEVICE), mask.to(DEVICE)))
+    assert asked == [deterministic]
 
     def plain(i, t, n, s):
         scale = s.exp()
