@@ -6,7 +6,9 @@
 Each kernel x dtype x autotune config x target is compiled by Triton for the target (GPUTarget("cuda", 90|80, 32))
 and assembled by the ptxas inside the triton wheel (`ptxas -v --gpu-name sm_90a|sm_80`); see
 clove_kernels/compile_report.py for what is read and how. fp32 rows are compiled with TF32 dots, the default
-(`loss.allow_tf32: true`); the per-direction `ce_*` kernels use IEEE fp32 dots (FMA) by design.
+(`loss.allow_tf32: true`); the per-direction `ce_*` kernels use IEEE fp32 dots (FMA) by design. `atomics` counts
+global atomic instructions in the PTX: the fused backward (`block_bwd_fused`, dK by atomic adds) must have them,
+every other kernel none.
 Results: benchmarks/results/kernels_compile.md and .csv (rewritten).
 """
 from __future__ import annotations
@@ -40,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     def progress(r):
-        print(f"{r.kernel:13s} {r.dtype:4s} {r.arch:6s} {r.config:28s} regs {r.registers:3d} spill "
+        print(f"{r.kernel:15s} {r.dtype:4s} {r.arch:6s} {r.config:28s} regs {r.registers:3d} spill "
               f"{r.spill_stores:4d}/{r.spill_loads:4d} B smem {r.shared_bytes:6d} tc {r.tensor_core_dots}/{r.dots} "
-              f"{r.status}", flush=True)
+              f"atomics {r.atomics} {r.status}", flush=True)
 
     rows = compile_report.compile_all(archs=tuple(args.archs), dtypes=tuple(args.dtypes), kernels=args.kernels,
                                       progress=progress)
@@ -62,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         context_header(ctx), "",
         f"{len(rows)} compilations in {time.time() - t0:.0f} s: Triton's compiler for each target, then the ptxas "
         "shipped in the triton wheel (`ptxas -v`). No GPU was used or needed; nothing here is a run-time number. "
-        "`tc` = dots lowered to tensor-core instructions (wgmma on sm_90a, mma.sync on sm_80) / all dots. "
-        "fp32 rows: TF32 dots for the block kernels (default `loss.allow_tf32: true`), IEEE FMA for `ce_*`. "
+        "`tc` = dots lowered to tensor-core instructions (wgmma on sm_90a, mma.sync on sm_80) / all dots; `atomics` = global atomic instructions (`atom.global.*`, `red.global.*`) in the "
+        "PTX. fp32 rows: TF32 dots for the block kernels (default `loss.allow_tf32: true`), IEEE FMA for `ce_*`. "
         "Shared-memory limits: sm_90a 232,448 B, sm_80 166,912 B per block.", "",
         "## Verdict for the shipped bf16/fp16 configs", "",
         (f"- all {len(shipped_low)} bf16/fp16 compilations: no spills, every dot on tensor cores, shared memory "
@@ -73,12 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"  - {r.kernel} {r.dtype} {r.arch} {r.config}: {'; '.join(r.problems) or r.status}" for r in bad]
     fp32_spill = [r for r in fp32 if r.spill_stores > 0]
     lines += [f"- fp32: {sum(r.all_tensor_core for r in fp32)} of {len(fp32)} compilations on tensor cores (TF32), "
-              f"{len(fp32_spill)} with spills", ""]
+              f"{len(fp32_spill)} with spills"]
+    with_atomics = sorted({r.kernel for r in rows if r.atomics > 0})
+    fused = [r for r in rows if r.kernel == "block_bwd_fused"]
+    lines += [f"- global atomics in the PTX: {', '.join(with_atomics) or 'no kernel'}"
+              + (f" ({sum(r.atomics > 0 for r in fused)} of {len(fused)} block_bwd_fused compilations)"
+                 if fused else ""), ""]
     columns = ["kernel", "dtype", "precision", "arch", "config", "registers", "spill_stores", "spill_loads",
-               "shared_bytes", "tensor_core_dots", "dots", "status"]
+               "shared_bytes", "tensor_core_dots", "dots", "atomics", "status"]
     lines += ["## Every compilation", "", markdown_table(table, columns), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines[:12 + len(bad)]))
+    print("\n".join(lines[:13 + len(bad)]))
     print(f"wrote {stem.with_suffix('.md')} and .csv")
     return 0
 

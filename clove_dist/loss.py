@@ -85,7 +85,7 @@ class ContrastiveLoss(nn.Module):
     """Symmetric image/text contrastive loss with extra negative text columns; see the module docstring."""
 
     def __init__(self, impl: str = "auto", max_logit_scale: float = 100.0, chunk_size: int = 1024,
-                 group: Any = None, allow_tf32: bool = True) -> None:
+                 group: Any = None, allow_tf32: bool = True, deterministic: bool = False) -> None:
         super().__init__()
         if impl not in clove_kernels.IMPLS:
             raise ValueError(f"loss impl must be one of {', '.join(clove_kernels.IMPLS)}, got {impl!r}")
@@ -98,15 +98,17 @@ class ContrastiveLoss(nn.Module):
         self.chunk_size = chunk_size
         self.group = group
         self.allow_tf32 = bool(allow_tf32)  # fp32 features may use TF32 tensor-core dots (Triton on GPU)
+        # Triton backward without atomics (two kernels, bitwise reproducible) instead of the fused kernel
+        self.deterministic = bool(deterministic)
         # This rank's image->text and text->image losses of the last call (detached tensors, read without a
         # host sync until someone logs them): {"i2t": ..., "t2i": ...}
         self.last_directions: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, group: Any = None) -> "ContrastiveLoss":
-        """Build from the `loss` config section (impl, max_logit_scale, chunk_size, allow_tf32)."""
+        """Build from the `loss` config section (impl, max_logit_scale, chunk_size, allow_tf32, deterministic)."""
         return cls(impl=cfg.impl, max_logit_scale=cfg.max_logit_scale, chunk_size=cfg.chunk_size, group=group,
-                   allow_tf32=cfg.allow_tf32)
+                   allow_tf32=cfg.allow_tf32, deterministic=cfg.deterministic)
 
     def _check(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Any,
                negative_features: torch.Tensor | None, negative_mask: torch.Tensor | None) -> None:
@@ -173,8 +175,8 @@ class ContrastiveLoss(nn.Module):
         impl = clove_kernels.resolve_impl(self.impl, device)
         if impl != "reference":
             return _BlockContrastiveLoss.apply(image_features, columns, scale, column_mask, num_texts, offset,
-                                               (impl, self.chunk_size, self.allow_tf32), self.group, world,
-                                               self.last_directions)
+                                               (impl, self.chunk_size, self.allow_tf32, self.deterministic),
+                                               self.group, world, self.last_directions)
         # The reference: two independent directions on materialised logits, images gathered. The oracle.
         images_all = gather_with_grad(image_features, self.group) if world > 1 else image_features
         targets = torch.arange(batch, device=device) + offset
@@ -249,7 +251,7 @@ class _BlockContrastiveLoss(torch.autograd.Function):
                 column_mask: torch.Tensor | None, num_texts: int, offset: int, kernel: tuple, group: Any,
                 world: int, directions: dict) -> torch.Tensor:
         batch = images.shape[0]
-        impl, chunk_size, allow_tf32 = kernel
+        impl, chunk_size, allow_tf32, _ = kernel
         targets = torch.arange(batch, device=images.device) + offset
         stats = clove_kernels.block_forward(images, columns, targets, scale, column_mask, num_texts, impl,
                                             chunk_size, allow_tf32)
@@ -266,7 +268,7 @@ class _BlockContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         images, columns, scale, column_mask, targets, row_lse, col_lse = ctx.saved_tensors
-        (impl, chunk_size, allow_tf32), group, world = ctx.meta
+        (impl, chunk_size, allow_tf32, deterministic), group, world = ctx.meta
         need_images, need_columns, need_scale = ctx.needs_input_grad[:3]
         batch = images.shape[0]
         g = grad_loss.detach().to(row_lse.dtype).reshape(1)
@@ -282,6 +284,6 @@ class _BlockContrastiveLoss(torch.autograd.Function):
         grad_target = (g * (-2 * weight)).expand(batch)
         d_images, d_columns, d_scale = clove_kernels.block_backward(
             images, columns, targets, scale, column_mask, row_lse, col_lse, grad_row, grad_col, grad_target, impl,
-            chunk_size, need_q=need_images, need_k=need_columns, allow_tf32=allow_tf32)
+            chunk_size, need_q=need_images, need_k=need_columns, allow_tf32=allow_tf32, deterministic=deterministic)
         d_scale = d_scale.to(scale.dtype) if need_scale else None
         return d_images, d_columns, d_scale, None, None, None, None, None, None, None

@@ -155,14 +155,16 @@ def block_forward(queries, keys, targets, scale, key_mask, num_col_stats, impl, 
 
 
 def block_backward(queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse, grad_col_lse,
-                   grad_target, impl, chunk_size=DEFAULT_CHUNK_SIZE, need_q=True, need_k=True, allow_tf32=True):
+                   grad_target, impl, chunk_size=DEFAULT_CHUNK_SIZE, need_q=True, need_k=True, allow_tf32=True,
+                   deterministic=False):
     """contrastive_block_backward without checks, for a resolved impl (chunked | reference | triton)."""
     args = (queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse, grad_col_lse, grad_target)
     if impl == "reference":
         return block_backward_reference(*args, need_q=need_q, need_k=need_k)
     if impl == "triton":
         from .block_triton import block_backward_triton
-        return block_backward_triton(*args, need_q=need_q, need_k=need_k, allow_tf32=allow_tf32)
+        return block_backward_triton(*args, need_q=need_q, need_k=need_k, allow_tf32=allow_tf32,
+                                     deterministic=deterministic)
     return block_backward_chunked(*args, chunk_size, need_q=need_q, need_k=need_k)
 
 
@@ -170,11 +172,14 @@ def contrastive_block_backward(queries: torch.Tensor, keys: torch.Tensor, target
                                scale: torch.Tensor | float, row_lse: torch.Tensor, col_lse: torch.Tensor,
                                grad_row_lse: torch.Tensor, grad_col_lse: torch.Tensor, grad_target: torch.Tensor,
                                key_mask: torch.Tensor | None = None, impl: str = "auto",
-                               chunk_size: int = DEFAULT_CHUNK_SIZE, allow_tf32: bool = True
+                               chunk_size: int = DEFAULT_CHUNK_SIZE, allow_tf32: bool = True,
+                               deterministic: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dqueries, dkeys in the input dtype, dscale) of a loss whose gradients with respect to the
     block's row_lse [R], the full (all-blocks) col_lse [C] and target_logit [R] are the grad_* arguments.
-    col_lse is the combined column LSE, not this block's partial one."""
+    col_lse is the combined column LSE, not this block's partial one.
+    deterministic: triton only; True runs two backward kernels without atomics (bitwise reproducible), False
+    one fused kernel whose dkeys, summed with atomic adds, may differ run to run in the last bits."""
     num_col_stats = col_lse.shape[0] if isinstance(col_lse, torch.Tensor) else -1
     scale = _check_block(queries, keys, targets, scale, key_mask, num_col_stats)
     num_rows = queries.shape[0]
@@ -184,7 +189,8 @@ def contrastive_block_backward(queries: torch.Tensor, keys: torch.Tensor, target
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must have shape ({n},), got {shape}")
     return block_backward(queries, keys, targets, scale, key_mask, row_lse, col_lse, grad_row_lse, grad_col_lse,
-                          grad_target, _block_impl(impl, queries.device), chunk_size, allow_tf32=allow_tf32)
+                          grad_target, _block_impl(impl, queries.device), chunk_size, allow_tf32=allow_tf32,
+                          deterministic=deterministic)
 
 
 __all__ = ["contrastive_ce", "contrastive_block_forward", "contrastive_block_backward", "BlockStats", "BLOCK_IMPLS", "contrastive_ce_reference", "resolve_impl", "triton_unavailable_reason", "IMPLS",

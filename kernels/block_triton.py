@@ -11,20 +11,29 @@ Algorithm
       combines the partial (m, l) of all splits / groups: row LSE [R] complete, column LSE [C] partial over Q.
       With many rows the grid is row groups x 1; with few rows (a rank's 256 images against 256k columns) the
       columns are split so that about twice the SM count of programs run.
-  backward two kernels, deterministic, no atomics:
+  backward (default) one fused kernel, grid (row blocks, column splits):
       dS_ij = a_i exp(S_ij - row_lse_i) + b_j exp(S_ij - col_lse_j) [j < C] + c_i [j == t_i]
-      dQ kernel, grid (row blocks, splits):   dQ_part += dS K_blk  (splits > 1 only when row blocks are few)
-      dK kernel, grid (column blocks, splits): dK_part += dS^T Q_blk
-      Each program owns its rows of its partial accumulator (fp32, read-modify-written per tile, L2-resident);
-      partials over splits and the per-row ds terms are summed by torch in a fixed order.
+      Each program recomputes each of its tiles of S once, forms dS, and for every BLOCK_D slice does
+      dQ_part += dS K_slice (its own rows of a per-split fp32 partial, read-modify-written, no atomics) and
+      dK += dS^T Q_slice, added with fp32 atomics into one [M, D] buffer that all row blocks share.
+      Splits > 1 only when row blocks are few; partials over splits are summed by torch in a fixed order.
+      Traffic of dK: every element receives one atomic fp32 add per row block (R / BLOCK_M), L2-resident, in
+      place of the deterministic path's read-modify-write of its per-split partial.
+  backward (deterministic=True, config `loss.deterministic`) two kernels, no atomics, bitwise reproducible:
+      dQ kernel, grid (row blocks, splits):   dQ_part += dS K_blk  (as above, without dK)
+      dK kernel, grid (column blocks, splits): dK_part += dS^T Q_blk  (its own rows of a per-split partial)
+      Each recomputes its tiles of S. Without dK (need_k=False) only the dQ kernel runs, on either setting.
 
 Precision: bf16/fp16 tiles go to tl.dot as they are (tensor cores, fp32 accumulate); fp32 inputs use TF32 dots unless
 allow_tf32=False (then IEEE fp32 FMA loops). dS is rounded to the input dtype before the gradient dots, as
 flash-attention does. Statistics and loss in fp32; gradients returned in the input dtype.
 Offsets are int64 (row index * stride), so no shape wraps.
 
-Compute: 1 (forward) + 2 x 2 (backward: each kernel recomputes its tile) R x M x D products: 5, against 10 for two
-independent directions. Limitation: D is streamed in BLOCK_D slices (CLIP's D of 512..1024 does not fit on chip).
+Compute, in R x M x D products: forward 1; fused backward 1 recompute + dQ + dK = 3, so 4 in all (against 10 for
+two independent directions); deterministic backward 2 recomputes + 2 = 4, so 5 in all. Atomics make the order in
+which row blocks add into dK vary: fused dK differs run to run in the last bits (fp32 rounding of the sum), dQ and
+dscale do not. Set `loss.deterministic: true` for bitwise-reproducible runs.
+Limitation: D is streamed in BLOCK_D slices (CLIP's D of 512..1024 does not fit on chip).
 Under TRITON_INTERPRET=1 (CPU) tiles are upcast to fp32 before tl.dot: the interpreter's bf16 dot is wrong in
 triton 3.8.
 """
@@ -249,6 +258,76 @@ def _block_bwd_dk_kernel(
             tl.store(dk_rows + offs_d[None, :], dk, mask=dk_mask)
 
 
+def fused_autotune_configs() -> list[triton.Config]:
+    """Configs of the fused backward kernel. It holds the dS tile, a dQ slice and a dK slice per BLOCK_D step, so
+    D slices of 64 spill on sm_80 (ptxas: 120-516 B per thread with 4 or 8 warps); slices of 32 do not, on sm_90a
+    or sm_80, for bf16/fp16 (benchmarks/results/kernels_compile.md; tests/test_kernels_compile.py keeps it so)."""
+    if INTERPRETED:
+        return autotune_configs()
+    return [triton.Config({"BLOCK_D": 32}, num_warps=num_warps, num_stages=num_stages)
+            for num_warps, num_stages in ((4, 2), (4, 3), (8, 2), (8, 3))]
+
+
+@triton.autotune(configs=fused_autotune_configs(), key=AUTOTUNE_KEY, reset_to_zero=["dq_ptr", "dk_ptr"])
+@triton.jit
+def _block_bwd_fused_kernel(
+    # pointers
+    q_ptr, k_ptr, targets_ptr, mask_ptr, scale_ptr, row_lse_ptr, a_ptr, c_ptr, col_lse_ptr, b_ptr,
+    dq_ptr, ds_ptr, dk_ptr,
+    # sizes
+    R, M, D, C, cols_per_split, R_BUCKET, M_BUCKET,
+    # strides (D has unit stride; dq is [splits, R, D], dk [M, D], both contiguous fp32)
+    stride_qm, stride_km,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The dQ kernel's program, plus dK: each tile's dS serves both products, so S is recomputed once.
+    dK rows are shared by every row block, so they are accumulated with atomic adds."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = offs_m < R
+    tgt = tl.load(targets_ptr + offs_m, mask=row_valid, other=-1)
+    row_lse = tl.load(row_lse_ptr + offs_m, mask=row_valid, other=0.0)
+    a = tl.load(a_ptr + offs_m, mask=row_valid, other=0.0)
+    c = tl.load(c_ptr + offs_m, mask=row_valid, other=0.0)
+    s = tl.load(scale_ptr)
+    col_start = pid_c * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, M)
+    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm
+    dq_rows = dq_ptr + (pid_c.to(tl.int64) * R + offs_m.to(tl.int64))[:, None] * D
+    ds_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(col_start, col_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_in = offs_n < col_end
+        acc = _tile(q_ptr, k_ptr, offs_m, offs_n, row_valid, col_in, D, stride_qm, stride_km,
+                    UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        col_valid = _col_valid(mask_ptr, offs_n, col_in, HAS_MASK)
+        col_lse = tl.load(col_lse_ptr + offs_n, mask=offs_n < C, other=0.0)
+        b = tl.load(b_ptr + offs_n, mask=offs_n < C, other=0.0)
+        dlogits = _dlogits(acc, s, row_valid, col_valid, offs_n, tgt, row_lse, a, c, col_lse, b, C)
+        ds_i += tl.sum(dlogits * acc, axis=1)
+        k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
+        dk_rows = dk_ptr + offs_n.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d[None, :] < D
+            k = tl.load(k_rows + offs_d[None, :], mask=col_in[:, None] & d_in, other=0.0)
+            q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & d_in, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                q = q.to(tl.float32)
+            ds_tile = dlogits.to(k.dtype)  # (BLOCK_M, BLOCK_N), rounded to the input dtype for the dots
+            dq_mask = row_valid[:, None] & d_in
+            dq = tl.load(dq_rows + offs_d[None, :], mask=dq_mask, other=0.0)
+            dq = tl.dot(ds_tile, k, dq, input_precision=DOT_PRECISION)
+            tl.store(dq_rows + offs_d[None, :], dq, mask=dq_mask)
+            dk = tl.dot(tl.trans(ds_tile), q, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+            tl.atomic_add(dk_rows + offs_d[None, :], dk, mask=col_in[:, None] & d_in, sem="relaxed")
+    tl.store(ds_ptr + pid_c.to(tl.int64) * R + offs_m, ds_i, mask=row_valid)
+
+
 # --- host side -------------------------------------------------------------------------------------------------------
 
 def agree_on_autotune(kernel, known_keys: set) -> None:
@@ -353,8 +432,12 @@ def block_forward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: tor
 def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
                           key_mask: torch.Tensor | None, row_lse: torch.Tensor, col_lse: torch.Tensor,
                           grad_row_lse: torch.Tensor, grad_col_lse: torch.Tensor, grad_target: torch.Tensor,
-                          need_q: bool = True, need_k: bool = True, allow_tf32: bool = True
+                          need_q: bool = True, need_k: bool = True, allow_tf32: bool = True,
+                          deterministic: bool = False
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """dQ, dK (input dtype) and dscale. deterministic=False: one fused kernel (dK by atomic adds, 1 recompute of
+    S); True: the dQ and dK kernels (no atomics, bitwise reproducible, 2 recomputes). Without need_k only the dQ
+    kernel runs, which is both."""
     q, k, tgt, s, mask_arg, meta = _prepare(queries, keys, targets, scale, key_mask, allow_tf32)
     num_rows, dim = q.shape
     num_cols = k.shape[0]
@@ -365,7 +448,8 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
     row_blocks, col_blocks = triton.cdiv(num_rows, BLOCK_M), triton.cdiv(num_cols, BLOCK_N)
     num_sms = _num_sms(device)
     buckets = (_bucket(num_rows), _bucket(num_cols))
-    dq = ds = None
+    fused = need_k and not deterministic and num_rows > 0 and num_cols > 0
+    dq = ds = dk = None
     if num_rows and num_cols:
         # Few row blocks: split the columns too, into partial dQ buffers no larger than SCRATCH_BYTES.
         splits = min(_splits(row_blocks, col_blocks, num_sms), max(1, SCRATCH_BYTES // max(1, num_rows * dim * 4)))
@@ -373,16 +457,20 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
         splits = triton.cdiv(num_cols, cols_per_split)
         dq_part = torch.zeros((splits, num_rows, dim), dtype=torch.float32, device=device)
         ds_part = torch.zeros((splits, num_rows), dtype=torch.float32, device=device)
-        _launch(_block_bwd_dq_kernel, (row_blocks, splits),
-            q, k, tgt, mask_arg, s, row_lse, a, c, col_lse, b, dq_part, ds_part,
-            num_rows, num_cols, dim, num_col_stats, cols_per_split, *buckets,
-            q.stride(0), k.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
+        args = (q, k, tgt, mask_arg, s, row_lse, a, c, col_lse, b, dq_part, ds_part)
+        sizes = (num_rows, num_cols, dim, num_col_stats, cols_per_split, *buckets, q.stride(0), k.stride(0))
+        if fused:
+            dk_acc = torch.zeros((num_cols, dim), dtype=torch.float32, device=device)
+            _launch(_block_bwd_fused_kernel, (row_blocks, splits), *args, dk_acc, *sizes,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
+            dk = dk_acc * s
+        else:
+            _launch(_block_bwd_dq_kernel, (row_blocks, splits), *args, *sizes,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
         dq, ds = dq_part.sum(dim=0) * s, ds_part.sum()
     else:
         dq, ds = torch.zeros(num_rows, dim, dtype=torch.float32, device=device), torch.zeros((), device=device)
-    dk = None
-    if need_k:
+    if need_k and dk is None:
         if num_rows and num_cols:
             splits = min(_splits(col_blocks, row_blocks, num_sms), max(1, SCRATCH_BYTES // max(1, num_cols * dim * 4)))
             rows_per_split = triton.cdiv(row_blocks, splits) * BLOCK_M
@@ -396,5 +484,6 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
             dk = dk_part.sum(dim=0) * s
         else:
             dk = torch.zeros(num_cols, dim, dtype=torch.float32, device=device)
+    if dk is not None:
         dk = dk.to(keys.dtype)
     return (dq.to(queries.dtype) if need_q else None), dk, ds.reshape(())

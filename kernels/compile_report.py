@@ -7,7 +7,8 @@ For every kernel x dtype x autotune config x target: `triton.compile(ASTSource(.
 32))` gives TTGIR and PTX without a GPU; the `ptxas` shipped inside the triton wheel (`ptxas -v --gpu-name sm_90a`)
 assembles the PTX and reports registers, spill stores/loads and shared memory. A dot ran on tensor cores when the
 TTGIR lowered it to `ttng.warp_group_dot` (wgmma, sm_90a) or to a `tt.dot` with an `#mma` result layout (mma.sync,
-sm_80); an fp32 dot with IEEE precision stays on `#blocked` layouts (FMA loops).
+sm_80); an fp32 dot with IEEE precision stays on `#blocked` layouts (FMA loops). Global atomics are counted in the
+PTX (`atom.global.*` / `red.global.*`): the fused backward adds dK with them, no other kernel may.
 
 Arguments are specialised as at run time on CUDA: pointers and D-like sizes and strides divisible by 16.
 The kernels must have been imported without TRITON_INTERPRET (the interpreter ships one small config only).
@@ -46,6 +47,7 @@ class CompileResult:
     shared_limit: int
     dots: int
     tensor_core_dots: int
+    atomics: int  # global atomic / reduction instructions in the PTX (red.*, atom.*)
     status: str
 
     @property
@@ -80,6 +82,7 @@ def shipped_kernels() -> dict[str, object]:
         "block_fwd": block_triton._block_fwd_kernel,
         "block_bwd_dq": block_triton._block_bwd_dq_kernel,
         "block_bwd_dk": block_triton._block_bwd_dk_kernel,
+        "block_bwd_fused": block_triton._block_bwd_fused_kernel,
         "ce_fwd": contrastive._contrastive_fwd_kernel,
         "ce_bwd_dq": contrastive._contrastive_bwd_dq_kernel,
         "ce_bwd_dk": contrastive._contrastive_bwd_dk_kernel,
@@ -127,6 +130,15 @@ def count_dots(ttgir: str) -> tuple[int, int]:
     return dots, tensor_core
 
 
+_ATOMIC = re.compile(r"^\s*(@!?%p\d+\s+)?(red|atom)\.", re.MULTILINE)
+
+
+def count_atomics(ptx: str) -> int:
+    """Global atomic instructions in PTX: `red.global.add.f32` (result unused) or `atom.global...`, predicated or
+    not. The fused backward accumulates dK with them; every other kernel must have none."""
+    return len(_ATOMIC.findall(ptx))
+
+
 def parse_ptxas(text: str) -> dict[str, int]:
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -155,7 +167,7 @@ def compile_one(name: str, kernel, dtype: str, config, arch: int, allow_tf32: bo
                                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     except Exception as e:  # a config that does not compile is a finding, not a crash of the report
         return CompileResult(**base, registers=-1, spill_stores=-1, spill_loads=-1, shared_bytes=-1, dots=0,
-                             tensor_core_dots=0, status=f"compile error: {type(e).__name__}: {str(e)[:120]}")
+                             tensor_core_dots=0, atomics=0, status=f"compile error: {type(e).__name__}: {str(e)[:120]}")
     dots, tensor_core = count_dots(compiled.asm["ttgir"])
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
@@ -166,7 +178,7 @@ def compile_one(name: str, kernel, dtype: str, config, arch: int, allow_tf32: bo
     stats = parse_ptxas(out.stderr + out.stdout)
     status = "ok" if out.returncode == 0 else f"ptxas error: {out.stderr.strip()[-120:]}"
     return CompileResult(**base, **stats, shared_bytes=int(compiled.metadata.shared), dots=dots,
-                         tensor_core_dots=tensor_core, status=status)
+                         tensor_core_dots=tensor_core, atomics=count_atomics(compiled.asm["ptx"]), status=status)
 
 
 def compile_all(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), kernels: list[str] | None = None,

@@ -27,6 +27,8 @@ def test_overrides_are_typed():
                          "model.name=clove-tiny"])
     assert cfg.optim.lr == 1e-5 and cfg.data.batch_size == 8 and cfg.data.resampled is False
     assert cfg.patching.alphas == (0.0, 0.5) and cfg.model.name == "clove-tiny"
+    assert from_dict({}).loss.deterministic is False  # the fused backward by default
+    assert from_dict({}, ["loss.deterministic=true"]).loss.deterministic is True
 
 
 @pytest.mark.parametrize("raw,overrides,needle", [
@@ -39,6 +41,7 @@ def test_overrides_are_typed():
     ({}, ["patching.alphas=[1.5]"], "patching.alphas: 1.5 must be in [0, 1]"),
     ({}, ["optim=1"], "must be section.key"),
     ({}, ["data.resampled=maybe"], "data.resampled: expected true or false, got 'maybe'"),
+    ({"loss": {"deterministic": "sometimes"}}, [], "loss.deterministic: expected true or false, got 'sometimes'"),
     ({"data": [1, 2]}, [], "data: expected a mapping"),
 ])
 def test_user_mistakes_name_the_key(raw, overrides, needle):

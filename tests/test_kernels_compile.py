@@ -1,7 +1,7 @@
 """Every shipped bf16/fp16 Triton config compiles for sm_90a and sm_80 without spills, with tensor-core dots only,
 within the target's shared memory. No GPU needed: Triton compiles for the target and the wheel's ptxas reports.
 
-    pytest tests/test_kernels_compile.py            # 2-4 s per compilation here, 72 compilations
+    pytest tests/test_kernels_compile.py            # 1-4 s per compilation here, 88 compilations
 
 The full table, fp32 included, is benchmarks/results/kernels_compile.md (`clove-dist bench compile`). Runs in a child
 process: the kernels must be imported without TRITON_INTERPRET, which other test modules' children set.
@@ -51,7 +51,22 @@ def test_dot_counting_tells_tensor_cores_from_fma():
     assert count_dots("\n".join([wgmma, mma, fma])) == (3, 2)
 
 
-@pytest.mark.parametrize("kernels", [["block_fwd", "block_bwd_dq", "block_bwd_dk"],
+def test_atomic_counting_reads_ptx():
+    """The PTX reader counts predicated and plain global atomics (the forms seen for the fused kernel: vector adds
+    on sm_90a, scalar on sm_80) and ignores loads, stores and names that merely contain 'atom'."""
+    from clove_kernels.compile_report import count_atomics
+    ptx = "\n".join([
+        "\t@%p68 atom.global.gpu.relaxed.add.v4.f32 { %r587, %r588, %r589, %r590 }, [ %rd9 + 0 ], { %r1, %r2 };",
+        "\t@!%p3 atom.global.gpu.relaxed.add.f32 %r755, [ %rd4 + 0 ], %r6;",
+        "\tred.global.add.f32 [%rd1], %f1;",
+        "\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd5 + 0 ];",
+        "\tst.global.b32 [ %rd6 + 0 ], %r7;  // atomics none here",
+        "\tmov.u32 %r_atom, 0;",
+    ])
+    assert count_atomics(ptx) == 3
+
+
+@pytest.mark.parametrize("kernels", [["block_fwd", "block_bwd_dq", "block_bwd_dk", "block_bwd_fused"],
                                      ["ce_fwd", "ce_bwd_dq", "ce_bwd_dk"]], ids=["block", "per_direction"])
 def test_shipped_low_precision_configs_use_the_hardware(kernels):
     rows = compile_in_child(kernels, ["bf16", "fp16"])
@@ -60,6 +75,11 @@ def test_shipped_low_precision_configs_use_the_hardware(kernels):
     bad = [f"{r['kernel']} {r['dtype']} {r['arch']} {r['config']}: {r['problems'] or r['status']}"
            for r in rows if r["problems"] or r["status"] != "ok"]
     assert not bad, "\n".join(bad)
+    # The fused backward's dK accumulation compiled to global atomic adds; no other kernel has any (the
+    # deterministic path must stay free of them).
+    wrong = [f"{r['kernel']} {r['dtype']} {r['arch']} {r['config']}: {r['atomics']} atomics" for r in rows
+             if (r["atomics"] > 0) != (r["kernel"] == "block_bwd_fused")]
+    assert not wrong, "\n".join(wrong)
 
 
 CHILD_BAD = r"""

@@ -137,6 +137,8 @@ def test_low_precision_features(dtype):
 def test_from_config_and_float_logit_scale():
     loss_fn = ContrastiveLoss.from_config(LossConfig(impl="reference", max_logit_scale=20.0, chunk_size=4))
     assert (loss_fn.impl, loss_fn.max_logit_scale, loss_fn.chunk_size) == ("reference", 20.0, 4)
+    assert loss_fn.deterministic is False
+    assert ContrastiveLoss.from_config(LossConfig(deterministic=True)).deterministic is True
     images, texts = features(3, 8, 17), features(3, 8, 18)
     a = loss_fn(images, texts, 1.0)
     b = clip_loss_reference(images, texts, torch.tensor(1.0, dtype=torch.float64))
