@@ -134,9 +134,17 @@ def pick_device(device: str, local_rank: int, local_world_size: int = 1) -> torc
     return torch.device("cpu")
 
 
+_detected: tuple[int, int, int, str, int, str] | None = None
+
+
 def setup(device: str = "auto", backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
     """Initialise the process group for whatever launcher started us; idempotent."""
-    rank, world, local_rank, addr, port, launcher = detect()
+    global _detected
+    # Once the group exists, the environment holds the RANK/WORLD_SIZE this function wrote into it: detecting
+    # again would call a single process "torchrun". The first detection stands for the life of the group.
+    if _detected is None or not dist.is_initialized():
+        _detected = detect()
+    rank, world, local_rank, addr, port, launcher = _detected
     local_world = tasks_on_this_node(world)
     dev = pick_device(device, local_rank, local_world)
     if dev.type == "cpu":

@@ -27,7 +27,7 @@ def _repo_root(monkeypatch, request):
     monkeypatch.chdir(request.config.rootpath)
 
 
-def test_train_checkpoint_export_resume(world, tmp_path):
+def test_train_checkpoint_export_resume(world, tmp_path, capsys):
     assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=3")) == 0
     run = tmp_path / "debug"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -50,7 +50,10 @@ def test_train_checkpoint_export_resume(world, tmp_path):
     w = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert not torch.equal(patched[w], state[w])
 
+    capsys.readouterr()
     assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=5")) == 0
+    # a second run in the same process is still a single process, though setup() wrote RANK into the environment
+    assert "single: 1 rank(s) on cpu" in capsys.readouterr().err
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     lines = [r for r in records if "event" not in r]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]  # resumed at 3, not restarted
