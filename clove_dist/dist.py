@@ -14,9 +14,13 @@ import atexit
 import datetime
 import os
 import re
+import secrets
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -183,6 +187,47 @@ def from_rank0(fn):
     kind, value = box[0]
     if kind == "error":
         raise value
+    return value
+
+
+def from_rank0_waiting_on_disk(fn: Callable[[], str], directory: Path, poll_s: float = 1.0) -> str:
+    """from_rank0 for work that can outlast the process group's timeout (converting a large checkpoint): the
+    other ranks wait for a marker file in `directory` (a directory every rank sees, such as checkpoints/), not
+    inside a collective that would time out. fn returns a string; its error reaches every rank as one line."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+
+    def fresh_token() -> str:  # markers of an earlier, failed attempt are removed before anyone looks
+        for old in directory.glob(".rank0-*"):
+            old.unlink(missing_ok=True)
+        return secrets.token_hex(8)
+    token = from_rank0(fresh_token)
+    done, failed = directory / f".rank0-{token}.done", directory / f".rank0-{token}.failed"
+
+    def mark(path: Path, text: str) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    if dist.get_rank() == 0:
+        try:
+            value = fn()
+        except UserError as e:
+            mark(failed, str(e))
+            raise
+        except Exception as e:
+            mark(failed, f"{type(e).__name__}: {e}")
+            raise
+        mark(done, value)
+    else:
+        while not done.exists():
+            if failed.exists():
+                raise UserError(failed.read_text())
+            time.sleep(poll_s)
+        value = done.read_text()
+    dist.barrier()  # every rank has read the marker
+    if dist.get_rank() == 0:
+        done.unlink()
     return value
 
 

@@ -108,3 +108,45 @@ def test_torchrun_two_nodes_on_one_machine(world, tmp_path):
         assert p.returncode == 0, err[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2] and lines[-1]["samples"] == 2 * 2 * 8
+
+
+SLOW_RANK0 = """
+import datetime, json, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from clove_dist import dist as cdist
+from clove_dist.errors import UserError
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))  # far shorter than rank 0's work
+directory = Path(sys.argv[1])
+
+def work(fail):
+    time.sleep(8)
+    if fail:
+        raise UserError("checkpoint X cannot be converted: a reason")
+    return "step000000002_universal"
+
+out = {"value": cdist.from_rank0_waiting_on_disk(lambda: work(False), directory)}
+try:
+    cdist.from_rank0_waiting_on_disk(lambda: work(True), directory)
+except UserError as e:
+    out["error"] = str(e)
+out["left"] = sorted(p.name for p in directory.iterdir())
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_rank0_work_longer_than_the_group_timeout(tmp_path):
+    """Converting a large checkpoint on rank 0 can outlast the process group's timeout: the other ranks wait on
+    the disk, not in a collective, and learn of a failure as the same one line."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_RANK0)
+    (tmp_path / "ckpt").mkdir()
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), str(script), str(tmp_path / "ckpt")], timeout=120)
+    results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert len(results) == 2
+    for r in results:
+        assert r["value"] == "step000000002_universal"
+        assert r["error"] == "checkpoint X cannot be converted: a reason"
+    # the failed attempt's marker stays until the next attempt starts; the successful one's is gone
+    assert [name for name in results[0]["left"] if name.endswith(".done")] == []
