@@ -162,6 +162,62 @@ def _dlogits(acc, s, row_valid, col_valid, offs_n, tgt, row_lse, a, c, col_lse, 
     return tl.where(row_valid[:, None], d, 0.0)
 
 
+@triton.jit
+def _bwd_row_block(
+    q_ptr, k_ptr, targets_ptr, mask_ptr, scale_ptr, row_lse_ptr, a_ptr, c_ptr, col_lse_ptr, b_ptr,
+    dq_ptr, ds_ptr, dk_ptr, R, M, D, C, cols_per_split, stride_qm, stride_km,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WITH_DK: tl.constexpr,
+):
+    """One program of the row-parallel backward: its row block against its split of the columns. Per tile, S is
+    recomputed once and dS gives dQ_part += dS K_slice (its own rows of a per-split partial, read-modify-write)
+    and, WITH_DK, dK += dS^T Q_slice by atomic adds (dK rows are shared by every row block)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = offs_m < R
+    tgt = tl.load(targets_ptr + offs_m, mask=row_valid, other=-1)
+    row_lse = tl.load(row_lse_ptr + offs_m, mask=row_valid, other=0.0)
+    a = tl.load(a_ptr + offs_m, mask=row_valid, other=0.0)
+    c = tl.load(c_ptr + offs_m, mask=row_valid, other=0.0)
+    s = tl.load(scale_ptr)
+    col_start = pid_c * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, M)
+    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm
+    dq_rows = dq_ptr + (pid_c.to(tl.int64) * R + offs_m.to(tl.int64))[:, None] * D
+    ds_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(col_start, col_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_in = offs_n < col_end
+        acc = _tile(q_ptr, k_ptr, offs_m, offs_n, row_valid, col_in, D, stride_qm, stride_km,
+                    UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        col_valid = _col_valid(mask_ptr, offs_n, col_in, HAS_MASK)
+        col_lse = tl.load(col_lse_ptr + offs_n, mask=offs_n < C, other=0.0)
+        b = tl.load(b_ptr + offs_n, mask=offs_n < C, other=0.0)
+        dlogits = _dlogits(acc, s, row_valid, col_valid, offs_n, tgt, row_lse, a, c, col_lse, b, C)
+        ds_i += tl.sum(dlogits * acc, axis=1)
+        k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
+        dk_rows = dk_ptr + offs_n.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d[None, :] < D
+            k = tl.load(k_rows + offs_d[None, :], mask=col_in[:, None] & d_in, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            ds_tile = dlogits.to(k.dtype)  # (BLOCK_M, BLOCK_N), rounded to the input dtype for the dots
+            dq_mask = row_valid[:, None] & d_in
+            dq = tl.load(dq_rows + offs_d[None, :], mask=dq_mask, other=0.0)
+            dq = tl.dot(ds_tile, k, dq, input_precision=DOT_PRECISION)
+            tl.store(dq_rows + offs_d[None, :], dq, mask=dq_mask)
+            if WITH_DK:
+                q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & d_in, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                dk = tl.dot(tl.trans(ds_tile), q, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+                tl.atomic_add(dk_rows + offs_d[None, :], dk, mask=col_in[:, None] & d_in, sem="relaxed")
+    tl.store(ds_ptr + pid_c.to(tl.int64) * R + offs_m, ds_i, mask=row_valid)
+
+
 @triton.autotune(configs=autotune_configs(), key=AUTOTUNE_KEY, reset_to_zero=["dq_ptr"])
 @triton.jit
 def _block_bwd_dq_kernel(
@@ -176,40 +232,10 @@ def _block_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = offs_m < R
-    tgt = tl.load(targets_ptr + offs_m, mask=row_valid, other=-1)
-    row_lse = tl.load(row_lse_ptr + offs_m, mask=row_valid, other=0.0)
-    a = tl.load(a_ptr + offs_m, mask=row_valid, other=0.0)
-    c = tl.load(c_ptr + offs_m, mask=row_valid, other=0.0)
-    s = tl.load(scale_ptr)
-    col_start = pid_c * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, M)
-    dq_rows = dq_ptr + (pid_c.to(tl.int64) * R + offs_m.to(tl.int64))[:, None] * D
-    ds_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(col_start, col_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_in = offs_n < col_end
-        acc = _tile(q_ptr, k_ptr, offs_m, offs_n, row_valid, col_in, D, stride_qm, stride_km,
-                    UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        col_valid = _col_valid(mask_ptr, offs_n, col_in, HAS_MASK)
-        col_lse = tl.load(col_lse_ptr + offs_n, mask=offs_n < C, other=0.0)
-        b = tl.load(b_ptr + offs_n, mask=offs_n < C, other=0.0)
-        dlogits = _dlogits(acc, s, row_valid, col_valid, offs_n, tgt, row_lse, a, c, col_lse, b, C)
-        ds_i += tl.sum(dlogits * acc, axis=1)
-        k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            k = tl.load(k_rows + offs_d[None, :], mask=col_in[:, None] & (offs_d[None, :] < D), other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            dq_mask = row_valid[:, None] & (offs_d[None, :] < D)
-            dq = tl.load(dq_rows + offs_d[None, :], mask=dq_mask, other=0.0)
-            dq = tl.dot(dlogits.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-            tl.store(dq_rows + offs_d[None, :], dq, mask=dq_mask)
-    tl.store(ds_ptr + pid_c.to(tl.int64) * R + offs_m, ds_i, mask=row_valid)
+    """dQ (and the per-row dscale terms) alone: the deterministic path, and the backward when dK is not needed."""
+    _bwd_row_block(q_ptr, k_ptr, targets_ptr, mask_ptr, scale_ptr, row_lse_ptr, a_ptr, c_ptr, col_lse_ptr, b_ptr,
+                   dq_ptr, ds_ptr, dq_ptr, R, M, D, C, cols_per_split, stride_qm, stride_km,
+                   HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False)
 
 
 @triton.autotune(configs=autotune_configs(), key=AUTOTUNE_KEY, reset_to_zero=["dk_ptr"])
@@ -282,50 +308,10 @@ def _block_bwd_fused_kernel(
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The dQ kernel's program, plus dK: each tile's dS serves both products, so S is recomputed once.
-    dK rows are shared by every row block, so they are accumulated with atomic adds."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = offs_m < R
-    tgt = tl.load(targets_ptr + offs_m, mask=row_valid, other=-1)
-    row_lse = tl.load(row_lse_ptr + offs_m, mask=row_valid, other=0.0)
-    a = tl.load(a_ptr + offs_m, mask=row_valid, other=0.0)
-    c = tl.load(c_ptr + offs_m, mask=row_valid, other=0.0)
-    s = tl.load(scale_ptr)
-    col_start = pid_c * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, M)
-    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm
-    dq_rows = dq_ptr + (pid_c.to(tl.int64) * R + offs_m.to(tl.int64))[:, None] * D
-    ds_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(col_start, col_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_in = offs_n < col_end
-        acc = _tile(q_ptr, k_ptr, offs_m, offs_n, row_valid, col_in, D, stride_qm, stride_km,
-                    UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        col_valid = _col_valid(mask_ptr, offs_n, col_in, HAS_MASK)
-        col_lse = tl.load(col_lse_ptr + offs_n, mask=offs_n < C, other=0.0)
-        b = tl.load(b_ptr + offs_n, mask=offs_n < C, other=0.0)
-        dlogits = _dlogits(acc, s, row_valid, col_valid, offs_n, tgt, row_lse, a, c, col_lse, b, C)
-        ds_i += tl.sum(dlogits * acc, axis=1)
-        k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
-        dk_rows = dk_ptr + offs_n.to(tl.int64)[:, None] * D
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_in = offs_d[None, :] < D
-            k = tl.load(k_rows + offs_d[None, :], mask=col_in[:, None] & d_in, other=0.0)
-            q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & d_in, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                q = q.to(tl.float32)
-            ds_tile = dlogits.to(k.dtype)  # (BLOCK_M, BLOCK_N), rounded to the input dtype for the dots
-            dq_mask = row_valid[:, None] & d_in
-            dq = tl.load(dq_rows + offs_d[None, :], mask=dq_mask, other=0.0)
-            dq = tl.dot(ds_tile, k, dq, input_precision=DOT_PRECISION)
-            tl.store(dq_rows + offs_d[None, :], dq, mask=dq_mask)
-            dk = tl.dot(tl.trans(ds_tile), q, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
-            tl.atomic_add(dk_rows + offs_d[None, :], dk, mask=col_in[:, None] & d_in, sem="relaxed")
-    tl.store(ds_ptr + pid_c.to(tl.int64) * R + offs_m, ds_i, mask=row_valid)
+    """dQ and dK from one recompute of each tile of S (dK by fp32 atomic adds)."""
+    _bwd_row_block(q_ptr, k_ptr, targets_ptr, mask_ptr, scale_ptr, row_lse_ptr, a_ptr, c_ptr, col_lse_ptr, b_ptr,
+                   dq_ptr, ds_ptr, dk_ptr, R, M, D, C, cols_per_split, stride_qm, stride_km,
+                   HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, True)
 
 
 # --- host side -------------------------------------------------------------------------------------------------------
