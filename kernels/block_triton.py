@@ -286,7 +286,7 @@ def _block_bwd_dk_kernel(
 
 def fused_autotune_configs() -> list[triton.Config]:
     """Configs of the fused backward kernel. It holds the dS tile, a dQ slice and a dK slice per BLOCK_D step, so
-    D slices of 64 spill on sm_80 (ptxas: 120-516 B per thread with 4 or 8 warps); slices of 32 do not, on sm_90a
+    D slices of 64 spill on sm_80 (ptxas: 24-316 B per thread with 4 or 8 warps); slices of 32 do not, on sm_90a
     or sm_80, for bf16/fp16 (benchmarks/results/kernels_compile.md; tests/test_kernels_compile.py keeps it so)."""
     if INTERPRETED:
         return autotune_configs()
