@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import os
 import re
-import secrets
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -190,44 +188,42 @@ def from_rank0(fn):
     return value
 
 
-def from_rank0_waiting_on_disk(fn: Callable[[], str], directory: Path, poll_s: float = 1.0) -> str:
-    """from_rank0 for work that can outlast the process group's timeout (converting a large checkpoint): the
-    other ranks wait for a marker file in `directory` (a directory every rank sees, such as checkpoints/), not
-    inside a collective that would time out. fn returns a string; its error reaches every rank as one line."""
+_long_calls = 0  # from_rank0_long calls so far: the same count on every rank, which makes each call's store key
+
+
+def from_rank0_long(fn: Callable[[], str], timeout: datetime.timedelta = datetime.timedelta(hours=12)) -> str:
+    """from_rank0 for work that can outlast the process group's timeout (converting a large checkpoint): the other
+    ranks wait on the rendezvous store with a timeout of their own, not inside a collective. The store's host going
+    away (rank 0's job dying) ends the wait with an error. fn returns a string; its error reaches every rank as one
+    line."""
+    global _long_calls
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return fn()
-
-    def fresh_token() -> str:  # markers of an earlier, failed attempt are removed before anyone looks
-        for old in directory.glob(".rank0-*"):
-            old.unlink(missing_ok=True)
-        return secrets.token_hex(8)
-    token = from_rank0(fresh_token)
-    done, failed = directory / f".rank0-{token}.done", directory / f".rank0-{token}.failed"
-
-    def mark(path: Path, text: str) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
+    _long_calls += 1
+    store = dist.distributed_c10d._get_default_store()
+    key = f"clove_dist/from_rank0_long/{_long_calls}"
     if dist.get_rank() == 0:
+        outcome: dict[str, str] = {"error": "rank 0 stopped before it finished"}
         try:
             value = fn()
+            outcome = {"value": value}
         except UserError as e:
-            mark(failed, str(e))
+            outcome = {"error": str(e)}
             raise
         except Exception as e:
-            mark(failed, f"{type(e).__name__}: {e}")
+            outcome = {"error": f"{type(e).__name__}: {e}"}
             raise
-        mark(done, value)
+        finally:  # also on KeyboardInterrupt/SystemExit: the others must not wait out the timeout
+            store.set(key, json.dumps(outcome))
     else:
-        while not done.exists():
-            if failed.exists():
-                raise UserError(failed.read_text())
-            time.sleep(poll_s)
-        value = done.read_text()
-    dist.barrier()  # every rank has read the marker
-    if dist.get_rank() == 0:
-        done.unlink()
+        try:
+            store.wait([key], timeout)
+        except RuntimeError as e:  # timeout, or the store's host is gone
+            raise UserError(f"waited for rank 0 in vain: {str(e).splitlines()[0][:200]}") from None
+        outcome = json.loads(store.get(key))
+        if "error" in outcome:
+            raise UserError(outcome["error"])
+        value = outcome["value"]
     return value
 
 

@@ -247,8 +247,8 @@ class Trainer:
         if written_by == self.env.world_size or manifest.get("zero_stage") == 0:  # ZeRO-0 saves whole states
             return tag
         log(f"checkpoint {directory / tag} was written by {written_by} rank(s); resuming on {self.env.world_size}")
-        # rank 0 converts while the others wait on the disk: a large model's conversion can outlast the timeout
-        universal = cdist.from_rank0_waiting_on_disk(lambda: cckpt.to_universal(directory, tag), directory)
+        # rank 0 converts while the others wait on the store: a large model's conversion can outlast the timeout
+        universal = cdist.from_rank0_long(lambda: cckpt.to_universal(directory, tag))
         ds_cfg["checkpoint"] = {"load_universal": True}
         return universal
 

@@ -117,36 +117,38 @@ import torch.distributed as dist
 from clove_dist import dist as cdist
 from clove_dist.errors import UserError
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))  # far shorter than rank 0's work
-directory = Path(sys.argv[1])
 
-def work(fail):
-    time.sleep(8)
+def work(seconds, fail=False):
+    time.sleep(seconds)
     if fail:
         raise UserError("checkpoint X cannot be converted: a reason")
     return "step000000002_universal"
 
-out = {"value": cdist.from_rank0_waiting_on_disk(lambda: work(False), directory)}
+out = {"value": cdist.from_rank0_long(lambda: work(8))}
 try:
-    cdist.from_rank0_waiting_on_disk(lambda: work(True), directory)
+    cdist.from_rank0_long(lambda: work(1, fail=True))
 except UserError as e:
     out["error"] = str(e)
-out["left"] = sorted(p.name for p in directory.iterdir())
-print("RESULT " + json.dumps(out), flush=True)
+try:  # the others' own limit: 1 s against 4 s of work
+    out["third"] = cdist.from_rank0_long(lambda: work(4), timeout=datetime.timedelta(seconds=1))
+except UserError as e:
+    out["third"] = str(e)
+dist.barrier()  # nobody leaves while another rank still works
+Path(sys.argv[1], f"rank{dist.get_rank()}.json").write_text(json.dumps(out))  # not stdout: lines would interleave
 """
 
 
 def test_rank0_work_longer_than_the_group_timeout(tmp_path):
     """Converting a large checkpoint on rank 0 can outlast the process group's timeout: the other ranks wait on
-    the disk, not in a collective, and learn of a failure as the same one line."""
+    the rendezvous store with a limit of their own, not in a collective, and learn of a failure as the same line."""
     script = tmp_path / "slow.py"
     script.write_text(SLOW_RANK0)
-    (tmp_path / "ckpt").mkdir()
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), str(script), str(tmp_path / "ckpt")], timeout=120)
-    results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert len(results) == 2
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(free_port()), str(script), str(tmp_path)], timeout=120)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in results:
         assert r["value"] == "step000000002_universal"
         assert r["error"] == "checkpoint X cannot be converted: a reason"
-    # the failed attempt's marker stays until the next attempt starts; the successful one's is gone
-    assert [name for name in results[0]["left"] if name.endswith(".done")] == []
+    # rank 0 finished its 4 s of work; rank 1 gave up after its 1 s limit, with one line
+    assert results[0]["third"] == "step000000002_universal"
+    assert results[1]["third"].startswith("waited for rank 0 in vain")
