@@ -4,7 +4,9 @@ Two runs on one directory (a job submitted twice, a debug run left in another te
 checkpoint tags, `latest` and metrics.jsonl, and each would resume from the other's half-written state. The lock is
 a POSIX record lock (fcntl.lockf): held by the process, not by the data-loader workers it forks, and dropped by the
 kernel when the process ends in any way (kill -9, a node's time limit), so a crashed or requeued run never finds a
-stale one; NFS carries it to other machines. A file system without locks gets a warning, not a refusal.
+stale one on a local file system. NFS carries it to other machines; there the lock of a node that crashed outright
+lives until the server's lease runs out (about 90 s with NFSv4), and a run started meanwhile is refused with the
+dead holder's name. A file system without locks gets a warning, not a refusal.
 
     lock = RunLock.acquire(run_dir)      # UserError naming the holder when another run has it
     ...
@@ -45,7 +47,7 @@ class RunLock:
         self.run_dir, self.fd, self.created_dir = run_dir, fd, created_dir
 
     @classmethod
-    def acquire(cls, run_dir: Path) -> "RunLock":
+    def acquire(cls, run_dir: Path, hint: str = "wait for it to end, or give this one another run.name") -> "RunLock":
         path = run_dir / LOCK_NAME
         while True:
             created_dir = not run_dir.is_dir()
@@ -60,8 +62,7 @@ class RunLock:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
                     os.close(fd)
-                    raise UserError(f"run directory {run_dir} is in use by another run ({holder}); wait for it "
-                                    f"to end, or give this one another run.name") from None
+                    raise UserError(f"run directory {run_dir} is in use by another run ({holder}); {hint}") from None
                 os.close(fd)
                 log(f"WARNING: cannot lock {path} ({e.strerror}): make sure no other run uses {run_dir}")
                 return cls(run_dir, None, False)
@@ -75,8 +76,12 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        if self.created_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
-            (self.run_dir / LOCK_NAME).unlink()  # still holding the lock: nobody can have taken it meanwhile
-            self.run_dir.rmdir()
-        os.close(self.fd)  # the process's last descriptor of the file: the lock goes with it
-        self.fd = None
+        try:
+            if self.created_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+                (self.run_dir / LOCK_NAME).unlink()  # still holding the lock: nobody can have taken it meanwhile
+                self.run_dir.rmdir()
+        except OSError:
+            pass  # another run is starting in the directory (it found our lock, or creates its own): leave it be
+        finally:
+            os.close(self.fd)  # the process's last descriptor of the file: the lock goes with it
+            self.fd = None
