@@ -61,7 +61,7 @@ def test_patch_from_a_run_refuses_bad_input(run_dir, tmp_path, capsys):
     cases = [
         (["--checkpoint", str(tmp_path)], "is not a run directory"),
         (["--checkpoint", str(run_dir), "--tag", "final"], "is not a checkpoint tag"),
-        (["--checkpoint", str(run_dir), "--tag", "step000000777"], "checkpoint"),
+        (["--checkpoint", str(run_dir), "--tag", "step000000777"], "no such checkpoint in this run"),
         (["--checkpoint", str(run_dir), "--finetuned", str(run_dir)], "drop --finetuned"),
         (["--checkpoint", str(run_dir), "--alpha", "1.5", "--out", str(tmp_path / "x")], "[0, 1]"),
         (["--checkpoint", str(run_dir), "--out", str(run_dir / "export")], "exists; pass --overwrite"),

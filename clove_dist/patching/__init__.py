@@ -5,8 +5,7 @@
     stream.py      offline streaming patch of two weight files, one tensor at a time; the safetensors layout
     sharded.py     in-run export: every rank writes the ZeRO partition it owns (export_sharded, a collective)
     checkpoint.py  DeepSpeed checkpoints of any stage and world size read one parameter at a time
-    commands.py    `clove-dist patch` and `clove-dist export`
-    run.py         `clove-dist patch --checkpoint RUN_DIR`: the sharded export of a run's checkpoint, on its ranks
+    commands.py    `clove-dist patch` (offline, or --checkpoint RUN_DIR sharded on a run's ranks), `clove-dist export`
     sweep.py       `clove-dist sweep`: evaluate many alphas, plot compositionality against zero-shot
 """
 from .sharded import FINETUNED_NAME, export_sharded

@@ -7,8 +7,13 @@
     clove-dist export runs/base/checkpoints --out finetuned.safetensors      # the tag in `latest`, any ZeRO stage
     torchrun --nproc_per_node 8 -m clove_dist.cli patch --checkpoint runs/base --alpha 0.6   # on the run's ranks
 
-With --checkpoint RUN_DIR the patch runs sharded on the ranks it is launched on, like the end of training
-(patching/run.py); otherwise it runs offline in one process.
+With --checkpoint RUN_DIR the patch runs on the ranks it is launched on (the run's, or another number of them: the
+checkpoint then goes through DeepSpeed's universal format first, as a resumed run's would): it builds the run's
+model and engine from the run's config, loads the checkpoint (`latest`, or --tag), and every rank writes the fp32
+master values it owns, as at the end of training (patching/sharded.py), into RUN_DIR/export/<tag>/ unless --out.
+Rank 0 takes every decision (tag, config, existing outputs) and holds the run's lock meanwhile, so it neither races
+a live run (which could prune the checkpoint it reads) nor another patch. The pre-trained weights are the run's
+model.pretrained unless --pretrained names others. Without --checkpoint the patch runs offline in one process.
 
 Inputs: .safetensors/.pt/.bin weights, a DeepSpeed checkpoint directory (any stage, any world size), or the
 consolidated file DeepSpeed's zero_to_fp32 writes. Outputs load with `open_clip.create_model(name,
@@ -72,19 +77,69 @@ def patch_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_config_path(run_dir: Path, tag: str) -> Path:
+    """The config checkpoint `tag` was written under: config.yaml, or the newest config.<T>.yaml that a resume from
+    T < tag wrote (a resume from T with a changed config writes config.<T>.yaml; T itself predates it)."""
+    changed = sorted(p for p in run_dir.glob("config.step*.yaml") if p.name[len("config."):-len(".yaml")] < tag)
+    return changed[-1] if changed else run_dir / "config.yaml"
+
+
 def _patch_run(args, alphas: list[float]) -> int:
     from .. import dist as cdist
-    from .run import patch_run
+    from ..checkpoint import TAG_PATTERN, Checkpointer
+    from ..config import load_config
+    from ..run_lock import RunLock
     if args.finetuned:
         raise PatchError("patch: --checkpoint RUN_DIR is the fine-tuned model; drop --finetuned")
     if args.out.endswith(".safetensors"):
         raise PatchError("patch --checkpoint: --out is a directory (finetuned.safetensors, patched_alpha<A>...)")
-    written = patch_run(args.checkpoint, alphas, tag=args.tag, out=args.out, pretrained=args.pretrained,
-                        overrides=args.overrides, overwrite=args.overwrite,
-                        allow_extrapolation=args.allow_extrapolation)
+    if args.tag is not None and not TAG_PATTERN.fullmatch(args.tag):
+        raise PatchError(f"--tag {args.tag!r} is not a checkpoint tag (stepNNNNNNNNN)")
+    run = Path(args.checkpoint)
+    if not (run / "config.yaml").is_file() or not (run / "checkpoints").is_dir():
+        raise PatchError(f"--checkpoint {run} is not a run directory (it needs config.yaml and checkpoints/)")
+    first = load_config(run / "config.yaml", args.overrides)  # the launch settings: device, backend, timeout
+    cdist.setup(first.run.device, first.distributed.backend, first.distributed.timeout_minutes)
+    held: list[RunLock] = []
+
+    def plan() -> tuple[str, str, str]:  # rank 0 decides for every rank
+        held.append(RunLock.acquire(run, hint="wait for it to end, or patch a checkpoint of it offline "
+                                              "(clove-dist patch --pretrained A --finetuned RUN_DIR/checkpoints)"))
+        tag = args.tag or Checkpointer(run / "checkpoints", 0).latest()
+        if tag is None:
+            raise PatchError(f"{run / 'checkpoints'} holds no complete checkpoint")
+        if not (run / "checkpoints" / tag).is_dir():
+            raise PatchError(f"{run / 'checkpoints' / tag}: no such checkpoint in this run")
+        out_dir = Path(args.out) if args.out else run / "export" / tag
+        for path in [out_dir / "finetuned.safetensors", *(out_dir / patched_name(a) for a in alphas)]:
+            check_output(path, args.overwrite)
+        return tag, str(run_config_path(run, tag)), str(out_dir)
+    try:
+        tag, config_path, out_dir = cdist.from_rank0(plan)
+        written = _export_checkpoint(run, tag, Path(config_path), Path(out_dir), alphas, args)
+    finally:
+        for lock in held:
+            lock.release()
     if cdist.rank() == 0:
         print("\n".join(str(p) for p in written))
     return 0
+
+
+def _export_checkpoint(run: Path, tag: str, config_path: Path, out_dir: Path, alphas: list[float],
+                       args) -> list[Path]:
+    """Every rank: the run's engine, loaded from `tag`, exported and patched sharded (a collective)."""
+    from ..config import load_config
+    from ..train import Trainer
+    from .sharded import export_sharded
+    # --pretrained before the user's --set: it also stands in for a model.pretrained file that has moved since
+    pretrained = [f"model.pretrained={args.pretrained}"] if args.pretrained else []
+    cfg = load_config(config_path, [f"run.output_dir={run.resolve().parent}", f"run.name={run.resolve().name}",
+                                    f"checkpoint.resume={run / 'checkpoints' / tag}", *pretrained, *args.overrides])
+    trainer = Trainer(cfg)
+    trainer.build_engine()
+    return export_sharded(trainer.clip, trainer.original_shapes, cfg.model.name, cfg.model.pretrained or None,
+                          alphas, out_dir, seed=cfg.run.seed, model_cfg=cfg.model, engine=trainer.engine,
+                          allow_extrapolation=args.allow_extrapolation)
 
 
 def export_file(source: str, out: str, *, overwrite: bool = False, progress: bool = True) -> Path:

@@ -4,8 +4,9 @@
         --alphas 0:1:0.1 --sugarcrepe data/sugarcrepe --zeroshot data/imagenet --out sweep/
 
 writes sweep/sweep.csv and sweep/sweep.json (one row per alpha: SugarCrepe average and groups, zero-shot top-1),
-sweep/eval_alpha<A>.json (every number the evaluation gave for that alpha, per subset) and sweep/sweep.png: SugarCrepe average (compositionality) against zero-shot top-1, one labelled point per alpha,
-joined in alpha order. CLoVe's paper picks alpha 0.6 from this curve.
+sweep/eval_alpha<A>.json (every number the evaluation gave for that alpha, per subset) and sweep/sweep.png:
+SugarCrepe average (compositionality) against zero-shot top-1, one labelled point per alpha, joined in alpha order.
+CLoVe's paper picks alpha 0.6 from this curve.
 
 Each patched model is written into one model in memory, tensor by tensor, from the memory-mapped inputs (no second
 or third copy of the weights); nothing goes to disk unless --save-patched. Inputs are as for `clove-dist patch`:
