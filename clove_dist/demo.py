@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also fine-tune without hard negatives, on alt-text, with REPLACE only and with swaps "
                          "only; writes ablations.md")
     args = ap.parse_args(argv)
+    from .patching.sweep import parse_alphas, sweep
+    alphas = sorted(set(parse_alphas(args.sweep_alphas)) | set(ALPHAS))  # a bad alpha fails now, not after training
 
     from .config import packaged_config
     from .data.synthetic import write_world
@@ -204,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   loss {clove['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("5/5 sweep: patch at every alpha, evaluate each on the SugarCrepe-format and zero-shot sets")
-    from .patching.sweep import parse_alphas, sweep
-    alphas = sorted(set(parse_alphas(args.sweep_alphas)) | set(ALPHAS))
     swept = sweep("clove-tiny", base_weights, clove_weights, alphas, out, sugarcrepe=world.sugarcrepe_dir,
                   zeroshot=world.zeroshot_dir, batch_size=128, save_patched=True, progress=False,
                   title="clove-tiny on the synthetic world: base (alpha 0) to CLoVe fine-tuned (alpha 1)")
