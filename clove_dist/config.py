@@ -78,7 +78,7 @@ class LossConfig:
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to at most this
     chunk_size: int = 1024  # rows/columns per tile of the chunked implementation
     allow_tf32: bool = True  # fp32 features may use TF32 tensor-core dots in the Triton kernels (GPU)
-    deterministic: bool = False  # Triton backward without atomics: bitwise reproducible, one more pass over S
+    deterministic: bool = False  # Triton backward without atomics (same bits for a given config), one more pass over S
 
 
 @dataclass(frozen=True)

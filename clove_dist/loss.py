@@ -98,7 +98,7 @@ class ContrastiveLoss(nn.Module):
         self.chunk_size = chunk_size
         self.group = group
         self.allow_tf32 = bool(allow_tf32)  # fp32 features may use TF32 tensor-core dots (Triton on GPU)
-        # Triton backward without atomics (two kernels, bitwise reproducible) instead of the fused kernel
+        # Triton backward without atomics (two kernels, same bits for a given autotuned config), not the fused one
         self.deterministic = bool(deterministic)
         # This rank's image->text and text->image losses of the last call (detached tensors, read without a
         # host sync until someone logs them): {"i2t": ..., "t2i": ...}

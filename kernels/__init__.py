@@ -178,7 +178,8 @@ def contrastive_block_backward(queries: torch.Tensor, keys: torch.Tensor, target
     """Gradients (dqueries, dkeys in the input dtype, dscale) of a loss whose gradients with respect to the
     block's row_lse [R], the full (all-blocks) col_lse [C] and target_logit [R] are the grad_* arguments.
     col_lse is the combined column LSE, not this block's partial one.
-    deterministic: triton only; True runs two backward kernels without atomics (bitwise reproducible), False
+    deterministic: triton only; True runs two backward kernels without atomics (same bits for the same autotuned
+    configuration), False
     one fused kernel whose dkeys, summed with atomic adds, may differ run to run in the last bits."""
     num_col_stats = col_lse.shape[0] if isinstance(col_lse, torch.Tensor) else -1
     scale = _check_block(queries, keys, targets, scale, key_mask, num_col_stats)
@@ -193,5 +194,5 @@ def contrastive_block_backward(queries: torch.Tensor, keys: torch.Tensor, target
                           deterministic=deterministic)
 
 
-__all__ = ["contrastive_ce", "contrastive_block_forward", "contrastive_block_backward", "BlockStats", "BLOCK_IMPLS", "contrastive_ce_reference", "resolve_impl", "triton_unavailable_reason", "IMPLS",
-           "DEFAULT_CHUNK_SIZE"]
+__all__ = ["contrastive_ce", "contrastive_block_forward", "contrastive_block_backward", "BlockStats", "BLOCK_IMPLS",
+           "contrastive_ce_reference", "resolve_impl", "triton_unavailable_reason", "IMPLS", "DEFAULT_CHUNK_SIZE"]

@@ -19,7 +19,8 @@ Algorithm
       Splits > 1 only when row blocks are few; partials over splits are summed by torch in a fixed order.
       Traffic of dK: every element receives one atomic fp32 add per row block (R / BLOCK_M), L2-resident, in
       place of the deterministic path's read-modify-write of its per-split partial.
-  backward (deterministic=True, config `loss.deterministic`) two kernels, no atomics, bitwise reproducible:
+  backward (deterministic=True, config `loss.deterministic`) two kernels, no atomics (same bits for the same
+      autotuned configuration; the autotuner picks by timing, so another process may pick another BLOCK_D):
       dQ kernel, grid (row blocks, splits):   dQ_part += dS K_blk  (as above, without dK)
       dK kernel, grid (column blocks, splits): dK_part += dS^T Q_blk  (its own rows of a per-split partial)
       Each recomputes its tiles of S. Without dK (need_k=False) only the dQ kernel runs, on either setting.
@@ -32,7 +33,7 @@ Offsets are int64 (row index * stride), so no shape wraps.
 Compute, in R x M x D products: forward 1; fused backward 1 recompute + dQ + dK = 3, so 4 in all (against 10 for
 two independent directions); deterministic backward 2 recomputes + 2 = 4, so 5 in all. Atomics make the order in
 which row blocks add into dK vary: fused dK differs run to run in the last bits (fp32 rounding of the sum), dQ and
-dscale do not. Set `loss.deterministic: true` for bitwise-reproducible runs.
+dscale do not. Set `loss.deterministic: true` for gradients free of atomics.
 Limitation: D is streamed in BLOCK_D slices (CLIP's D of 512..1024 does not fit on chip).
 Under TRITON_INTERPRET=1 (CPU) tiles are upcast to fp32 before tl.dot: the interpreter's bf16 dot is wrong in
 triton 3.8.
@@ -422,8 +423,8 @@ def block_backward_triton(queries: torch.Tensor, keys: torch.Tensor, targets: to
                           deterministic: bool = False
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """dQ, dK (input dtype) and dscale. deterministic=False: one fused kernel (dK by atomic adds, 1 recompute of
-    S); True: the dQ and dK kernels (no atomics, bitwise reproducible, 2 recomputes). Without need_k only the dQ
-    kernel runs, which is both."""
+    S); True: the dQ and dK kernels (no atomics: the same bits for a given config, 2 recomputes). Without need_k
+    only the dQ kernel runs, which is both."""
     q, k, tgt, s, mask_arg, meta = _prepare(queries, keys, targets, scale, key_mask, allow_tf32)
     num_rows, dim = q.shape
     num_cols = k.shape[0]

@@ -134,8 +134,9 @@ _ATOMIC = re.compile(r"^\s*(@!?%p\d+\s+)?(red|atom)\.", re.MULTILINE)
 
 
 def count_atomics(ptx: str) -> int:
-    """Global atomic instructions in PTX: `red.global.add.f32` (result unused) or `atom.global...`, predicated or
-    not. The fused backward accumulates dK with them; every other kernel must have none."""
+    """Atomic instructions in PTX, any state space: `red.global.add.f32` (result unused), `atom.global...`,
+    `atom.shared...`, predicated or not. The fused backward accumulates dK with global ones; every other kernel
+    must have none of any kind (a shared-memory atomic would also make the sum's order vary)."""
     return len(_ATOMIC.findall(ptx))
 
 
