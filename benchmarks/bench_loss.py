@@ -12,7 +12,9 @@ feature width. Providers:
   reference  clove_kernels' oracle: materialised logits, logsumexp and gather (impl="reference")
   open_clip  what open_clip's ClipLoss does (two logits matmuls + F.cross_entropy), with negative text columns
   chunked    pure-torch tiles with online LSE (impl="chunked", --chunk-size)
-  triton     the fused Triton kernels (impl="triton"); on CPU only in the interpreter, at --triton-cpu-batch
+  triton     the Triton kernels (impl="triton"), fused backward with dK by atomics; on CPU only in the
+             interpreter, at --triton-cpu-batch
+  triton_det the same with loss.deterministic: two backward kernels, no atomics, one more pass over S
   gemm       the bare products of the one-block structure, torch.matmul on materialised S: I C^T (forward and
              recompute), dS C and dS^T I with C = [T; N]: the hardware limit for this work (4 R x M x D products)
 
@@ -39,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import RESULTS_DIR, append_csv, context_header, machine_context, markdown_table, time_percentiles  # noqa
 
-PROVIDERS = ("reference", "open_clip", "chunked", "triton", "gemm")
+PROVIDERS = ("reference", "open_clip", "chunked", "triton", "triton_det", "gemm")
+TRITON = ("triton", "triton_det")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -124,8 +127,9 @@ def run_case(args: argparse.Namespace) -> dict:
     elif args.provider == "open_clip":
         loss_fn = _open_clip_style
     else:
-        loss_fn = ContrastiveLoss(impl=args.provider, chunk_size=args.chunk_size)
-    if args.provider == "triton":
+        impl = "triton" if args.provider in TRITON else args.provider
+        loss_fn = ContrastiveLoss(impl=impl, chunk_size=args.chunk_size, deterministic=args.provider == "triton_det")
+    if args.provider in TRITON:
         import clove_kernels
         assert clove_kernels.resolve_impl("triton", device) == "triton", "triton unavailable for this device"
 
@@ -201,7 +205,7 @@ def launch(case: dict, args: argparse.Namespace) -> dict:
     """Run one case in a fresh interpreter; returns its measurements or an error status."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(case)]
     env = dict(os.environ)
-    if case["provider"] == "triton" and case["device"] == "cpu":
+    if case["provider"] in TRITON and case["device"] == "cpu":
         env["TRITON_INTERPRET"] = "1"  # before triton is imported in the child
     if case.get("threads"):
         env["OMP_NUM_THREADS"] = str(case["threads"])
@@ -224,10 +228,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
         for ratio in args.neg_ratio:
             for batch in args.batch:
                 for provider in args.providers:
-                    if provider == "triton" and args.device == "cpu":
+                    if provider in TRITON and args.device == "cpu":
                         continue  # interpreted separately, at one small size
                     cases.append(dict(provider=provider, batch=batch, num_neg=int(batch * ratio), dim=dim))
-    if "triton" in args.providers and args.device == "cpu" and args.triton_cpu_batch:
+    if set(TRITON) & set(args.providers) and args.device == "cpu" and args.triton_cpu_batch:
         b = args.triton_cpu_batch
         for provider in args.providers:  # every provider at the interpreter's size, for context
             cases.append(dict(provider=provider, batch=b, num_neg=b, dim=args.triton_cpu_dim, small=True))
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
               " ".join(f"{m} {result[m]['p50_ms']:.0f}ms" for m in args.modes if m in result), flush=True)
         base = dict(ctx, provider=case["provider"], batch=case["batch"], num_neg=case["num_neg"], dim=case["dim"],
                     dtype=args.dtype, chunk_size=args.chunk_size, threads=args.threads or "default",
-                    note="triton interpreter" if case["provider"] == "triton" and args.device == "cpu" else "")
+                    note="triton interpreter" if case["provider"] in TRITON and args.device == "cpu" else "")
         entry = dict(provider=case["provider"], R=case["batch"], N=case["num_neg"], D=case["dim"],
                      peak_mib=result.get("peak_mem_mib"), status=result["status"], small=small)
         for mode in args.modes:
@@ -335,9 +339,13 @@ def ratios(table: list[dict]) -> list[str]:
     by_key = {(e["provider"], e["R"], e["N"], e["D"]): e for e in table if e["status"] == "ok"}
     for (provider, r, n, d), e in sorted(by_key.items(), key=lambda kv: kv[0][1:]):
         gemm = by_key.get(("gemm", r, n, d))
-        if provider in ("chunked", "triton") and gemm and e.get("full_p50_ms") and gemm.get("full_p50_ms"):
+        if provider in ("chunked", *TRITON) and gemm and e.get("full_p50_ms") and gemm.get("full_p50_ms"):
             lines.append(f"- {provider} / bare GEMMs at R={r}, N={n}, D={d}: full "
                          f"{e['full_p50_ms'] / gemm['full_p50_ms']:.2f}x")
+        det = by_key.get(("triton_det", r, n, d))
+        if provider == "triton" and det and e.get("backward_p50_ms") and det.get("backward_p50_ms"):
+            lines.append(f"- triton (fused, atomics) / triton_det at R={r}, N={n}, D={d}: backward "
+                         f"{e['backward_p50_ms'] / det['backward_p50_ms']:.2f}x")
         ref = by_key.get(("reference", r, n, d))
         if provider == "reference" or ref is None:
             continue

@@ -29,10 +29,11 @@ timeout 180 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_kernels
 timeout 90 python3 -m pytest -q tests/test_kernels_block_triton.py 2>&1 | tee -a "$out/gpu_check_pytest.txt" | tail -3
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-# 2. The loss benchmark (at most 5.5 min): bf16, R = M, every provider. The full sweep (R up to 64k, D 768 too) is
+# 2. The loss benchmark (at most 5.5 min): bf16, R = M, D = 512, every provider, the fused Triton backward beside
+#    the deterministic one (10 cases, each in a fresh process). The full sweep (R up to 64k, D 768 and 1024) is
 #    `clove-dist bench loss --device cuda` (longer).
 timeout 330 python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --batch 8192 32768 \
-    --neg-ratio 0 --dim 512 1024 --providers reference chunked triton gemm --modes full \
+    --neg-ratio 0 --dim 512 --providers reference chunked triton triton_det gemm --modes full backward \
     --repeat 5 --warmup 2 --case-timeout 90 || status=1
 
 echo "gpu-check: done (status $status); results in $out/"
