@@ -112,11 +112,22 @@ def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
     return f
 
 
+def config_file_for(run_dir: Path, tag: str, *, resumed_from: bool = False) -> Path:
+    """The config a run had when it wrote checkpoint `tag` (resumed_from: when it went on from `tag`):
+    config.yaml, or the newest config.<S>.yaml a resume from S wrote, with S < tag (S <= tag)."""
+    def in_effect(p: Path) -> bool:
+        s = p.name[len("config."):-len(".yaml")]
+        return s < tag or (resumed_from and s == tag)
+    changed = sorted(p for p in run_dir.glob("config.step*.yaml") if in_effect(p))
+    return changed[-1] if changed else run_dir / "config.yaml"
+
+
 def write_run_config(cfg: Config, run_dir: Path, resumed_tag: str | None) -> None:
-    """config.yaml for a new run; a resumed run whose config changed keeps the old one and adds config.<tag>.yaml."""
+    """config.yaml for a new run; a resumed run whose config differs from the one in effect at its checkpoint keeps
+    the old files and adds config.<tag>.yaml (a return to an earlier config is a change too)."""
     path = run_dir / "config.yaml"
     if resumed_tag and path.is_file():
-        previous = path.read_text()
+        previous = config_file_for(run_dir, resumed_tag, resumed_from=True).read_text()
         save_config(cfg, run_dir / "config.tmp.yaml")
         current = (run_dir / "config.tmp.yaml").read_text()
         if current == previous:

@@ -126,3 +126,25 @@ def test_misconfigured_data_and_resume_are_one_line(world, tmp_path, capsys):
     assert cli_main(_args(world, tmp_path, "--set", "train.max_steps=1", "--set", "run.name=again",
                           "--set", "checkpoint.resume=none")) == 2
     assert "already holds checkpoints of an earlier run" in capsys.readouterr().err
+
+
+def test_config_history_follows_every_resume(tmp_path):
+    """config.<T>.yaml records a resume from T under a changed config, a return to an earlier config included; the
+    config a checkpoint was written under is the newest one from before its tag."""
+    from clove_dist.config import load_config
+    from clove_dist.train import config_file_for, write_run_config
+    a, b = load_config(None, ["optim.lr=0.001"]), load_config(None, ["optim.lr=0.002"])
+    names = lambda: sorted(p.name for p in tmp_path.glob("config*.yaml"))  # noqa: E731
+    write_run_config(a, tmp_path, None)
+    write_run_config(a, tmp_path, "step000000010")  # resumed unchanged: nothing new
+    assert names() == ["config.yaml"]
+    write_run_config(b, tmp_path, "step000000010")
+    write_run_config(b, tmp_path, "step000000015")  # unchanged against the config in effect (B): nothing new
+    write_run_config(a, tmp_path, "step000000020")  # back to A: a change too
+    assert names() == ["config.step000000010.yaml", "config.step000000020.yaml", "config.yaml"]
+    written_under = {tag: config_file_for(tmp_path, tag).name for tag in
+                     ("step000000010", "step000000015", "step000000020", "step000000030")}
+    assert written_under == {"step000000010": "config.yaml", "step000000015": "config.step000000010.yaml",
+                             "step000000020": "config.step000000010.yaml",
+                             "step000000030": "config.step000000020.yaml"}
+    assert "lr: 0.001" in (tmp_path / "config.step000000020.yaml").read_text()

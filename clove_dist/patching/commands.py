@@ -77,18 +77,12 @@ def patch_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_config_path(run_dir: Path, tag: str) -> Path:
-    """The config checkpoint `tag` was written under: config.yaml, or the newest config.<T>.yaml that a resume from
-    T < tag wrote (a resume from T with a changed config writes config.<T>.yaml; T itself predates it)."""
-    changed = sorted(p for p in run_dir.glob("config.step*.yaml") if p.name[len("config."):-len(".yaml")] < tag)
-    return changed[-1] if changed else run_dir / "config.yaml"
-
-
 def _patch_run(args, alphas: list[float]) -> int:
     from .. import dist as cdist
     from ..checkpoint import TAG_PATTERN, Checkpointer
     from ..config import load_config
     from ..run_lock import RunLock
+    from ..train import config_file_for
     if args.finetuned:
         raise PatchError("patch: --checkpoint RUN_DIR is the fine-tuned model; drop --finetuned")
     if args.out.endswith(".safetensors"):
@@ -113,7 +107,7 @@ def _patch_run(args, alphas: list[float]) -> int:
         out_dir = Path(args.out) if args.out else run / "export" / tag
         for path in [out_dir / "finetuned.safetensors", *(out_dir / patched_name(a) for a in alphas)]:
             check_output(path, args.overwrite)
-        return tag, str(run_config_path(run, tag)), str(out_dir)
+        return tag, str(config_file_for(run, tag)), str(out_dir)
     try:
         tag, config_path, out_dir = cdist.from_rank0(plan)
         written = _export_checkpoint(run, tag, Path(config_path), Path(out_dir), alphas, args)
