@@ -419,10 +419,12 @@ class Trainer:
                                      cfg.patching.alphas, self.run_dir / "export", seed=cfg.run.seed,
                                      model_cfg=cfg.model, engine=self.engine)
             log("exported: " + ", ".join(str(p) for p in written))
-        # Only rank 0 evaluates; the other ranks leave rather than wait in a collective that could time out.
+        # Rank 0 evaluates the exports while the others wait on the store, not in a collective that could time
+        # out; none leaves early (under srun --kill-on-bad-exit a rank that failed on its way out would take the
+        # evaluation down with it). The condition is the same on every rank.
         e = cfg.eval
-        if env.is_main and written and (e.sugarcrepe_dir or e.zeroshot_dir or e.retrieval_dir or e.aro_dir):
-            evaluate_exports(cfg, self.run_dir, written, env.device)
+        if cfg.patching.export and (e.sugarcrepe_dir or e.zeroshot_dir or e.retrieval_dir or e.aro_dir):
+            cdist.from_rank0_long(lambda: str(evaluate_exports(cfg, self.run_dir, written, env.device)))
         return written
 
     def is_complete(self) -> bool:

@@ -102,6 +102,8 @@ def test_two_ranks_evaluate_during_training_and_report(world, tmp_path):
     run = tmp_path / "debug"
     assert sorted(p.name for p in (run / "eval").glob("step_*.json")) == ["step_00000002.json",
                                                                         "step_00000004.json"]
+    # the end-of-run evaluation of the exports, by rank 0 while rank 1 waited for it on the store
+    assert sorted(json.loads((run / "eval.json").read_text())) == ["finetuned.safetensors"]
     records = _records(run)
     steps = [r for r in records if "event" not in r and "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
