@@ -49,30 +49,33 @@ def _train(config_path: Path, overrides: list[str]) -> dict[str, Any]:
     return train(load_config(config_path, overrides))
 
 
-def _evaluate(weights: str, world, batch_size: int) -> dict[str, Any]:
-    from . import model as cmodel
-    from .config import ModelConfig
-    from .eval import evaluate_all
-    clip, _, preprocess, tokenizer = cmodel.create(ModelConfig(name="clove-tiny", pretrained=weights))
-    return evaluate_all(clip, preprocess, tokenizer, sugarcrepe_dir=world.sugarcrepe_dir,
-                        zeroshot_dir=world.zeroshot_dir, batch_size=batch_size)
+def _sweep(base_weights: str, tuned: str, alphas: list[float], out: Path, world, title: str,
+           save_patched: bool = False) -> dict[float, dict[str, Any]]:
+    """`clove-dist sweep` of base -> tuned on the world's sets into `out`; its rows by alpha (fractions)."""
+    from .patching.sweep import sweep
+    rows = sweep("clove-tiny", base_weights, tuned, alphas, out, sugarcrepe=world.sugarcrepe_dir,
+                 zeroshot=world.zeroshot_dir, batch_size=128, save_patched=save_patched, progress=False, title=title)
+    return {r["alpha"]: r for r in rows}
 
 
 def _pct(v: Any) -> float | None:
     return None if v is None else round(100 * float(v), 2)
 
 
-def _row(name: str, alpha: float, res: dict[str, Any]) -> dict[str, Any]:
-    """One results.json row, in percent."""
-    sc, zs = res.get("sugarcrepe", {}), res.get("zeroshot", {})
-    return {"model": name, "alpha": alpha, "replace": _pct(sc.get("replace")), "swap": _pct(sc.get("swap")),
-            "add": _pct(sc.get("add")), "sugarcrepe_avg": _pct(sc.get("average")),
-            "zeroshot_top1": _pct(zs.get("top1"))}
+def _row(name: str, swept: dict[str, Any]) -> dict[str, Any]:
+    """One results.json row, in percent, from a sweep row (fractions)."""
+    return {"model": name, "alpha": swept["alpha"], "replace": _pct(swept["replace"]), "swap": _pct(swept["swap"]),
+            "add": _pct(swept["add"]), "sugarcrepe_avg": _pct(swept["sugarcrepe"]),
+            "zeroshot_top1": _pct(swept["zeroshot_top1"])}
+
+
+# results.json columns after the model name, and the heads the tables give them
+COLUMNS = ["replace", "swap", "add", "sugarcrepe_avg", "zeroshot_top1"]
+HEADS = ["model", "SC replace", "SC swap", "SC add", "SC avg", "zero-shot top-1"]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["model", "replace", "swap", "add", "sugarcrepe_avg", "zeroshot_top1"]
-    heads = ["model", "SC replace", "SC swap", "SC add", "SC avg", "zero-shot top-1"]
+    cols, heads = ["model", *COLUMNS], HEADS
 
     def cell(v: Any) -> str:
         return f"{v:.1f}" if isinstance(v, float) else str(v)
@@ -93,12 +96,10 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
 def seeds_table(runs: list[list[dict[str, Any]]]) -> str:
     """Mean and spread (sample standard deviation; min-max) over seeds of each results.json column."""
     import statistics
-    cols = ["replace", "swap", "add", "sugarcrepe_avg", "zeroshot_top1"]
-    heads = ["model", "SC replace", "SC swap", "SC add", "SC avg", "zero-shot top-1"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    lines = ["| " + " | ".join(HEADS) + " |", "|" + "|".join("---" for _ in HEADS) + "|"]
     for i, row in enumerate(runs[0]):
         cells = [row["model"]]
-        for c in cols:
+        for c in COLUMNS:
             vals = [run[i][c] for run in runs]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.1f} +- {sd:.1f} ({min(vals):.1f}-{max(vals):.1f})")
@@ -117,8 +118,8 @@ ABLATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def _ablations(config: Path, common: list[str], world, base_weights: str, vocabulary: Path,
                rows: list[dict[str, Any]], args, out: Path) -> str:
-    """Fine-tune once per ablation; the table holds each at alpha 1 and patched at 0.6, next to full CLoVe."""
-    from .patching import patch_files
+    """Fine-tune once per ablation; the table holds each patched at 0.6 and at alpha 1, next to full CLoVe. Each
+    ablation's sweep (eval_alpha<A>.json, sweep.csv/json/png) lands in out/ablation<N>/."""
     table = [{**rows[1], "model": "CLoVe (REPLACE + swaps, synthetic captions)"},
              {**rows[2], "model": "CLoVe without patching"}]
     for i, (name, overrides) in enumerate(ABLATIONS):
@@ -128,13 +129,9 @@ def _ablations(config: Path, common: list[str], world, base_weights: str, vocabu
             f"model.pretrained={base_weights}", f"negatives.vocabulary={vocabulary}",
             f"train.total_samples={args.clove_steps * args.batch_size}", *overrides])
         tuned = str(Path(run["run_dir"]) / "export" / "finetuned.safetensors")
-        for a in (0.6, 1.0):
-            weights = tuned if a == 1.0 else str(patch_files(base_weights, tuned, a,
-                                                             str(out / f"ablation{i + 1}_alpha{a:g}.safetensors"),
-                                                             progress=False))
-            res = _evaluate(weights, world, batch_size=128)
-            (out / f"eval_ablation{i + 1}_alpha{a:g}.json").write_text(json.dumps(res, indent=2) + "\n")
-            table.append(_row(f"{name} (alpha {a:g})", a, res))
+        swept = _sweep(base_weights, tuned, [0.6, 1.0], out / f"ablation{i + 1}", world,
+                       title=f"clove-tiny on the synthetic world, ablation: {name}")
+        table += [_row(f"{name} (alpha {a:g})", swept[a]) for a in (0.6, 1.0)]
         log(f"   ({time.perf_counter() - t:.0f} s)")
     (out / "ablations.json").write_text(json.dumps(table, indent=2) + "\n")
     return format_table(table)
@@ -160,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also fine-tune without hard negatives, on alt-text, with REPLACE only and with swaps "
                          "only; writes ablations.md")
     args = ap.parse_args(argv)
-    from .patching.sweep import parse_alphas, sweep
+    from .patching.sweep import parse_alphas
     alphas = sorted(set(parse_alphas(args.sweep_alphas)) | set(ALPHAS))  # a bad alpha fails now, not after training
 
     from .config import packaged_config
@@ -206,20 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   loss {clove['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("5/5 sweep: patch at every alpha, evaluate each on the SugarCrepe-format and zero-shot sets")
-    swept = sweep("clove-tiny", base_weights, clove_weights, alphas, out, sugarcrepe=world.sugarcrepe_dir,
-                  zeroshot=world.zeroshot_dir, batch_size=128, save_patched=True, progress=False,
-                  title="clove-tiny on the synthetic world: base (alpha 0) to CLoVe fine-tuned (alpha 1)")
-    rows = []
-    for a in ALPHAS:
-        name = {0.0: "base (alpha 0)", 1.0: "fine-tuned (alpha 1)"}.get(a, f"CLoVe (alpha {a})")
-        rows.append(_row(name, a, json.loads((out / f"eval_alpha{a:g}.json").read_text())))
+    swept = _sweep(base_weights, clove_weights, alphas, out, world, save_patched=True,
+                   title="clove-tiny on the synthetic world: base (alpha 0) to CLoVe fine-tuned (alpha 1)")
+    names = {0.0: "base (alpha 0)", 1.0: "fine-tuned (alpha 1)"}
+    rows = [_row(names.get(a, f"CLoVe (alpha {a})"), swept[a]) for a in ALPHAS]
     log(f"   ({time.perf_counter() - t:.0f} s)")
 
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
-    print("\n" + format_sweep(swept))
+    print("\n" + format_sweep(list(swept.values())))
     print(f"alpha sweep, SugarCrepe average against zero-shot top-1: {out / 'sweep.png'}")
     if args.ablations:
         ablations = _ablations(config, common, world, base_weights, vocabulary, rows, args, out)
