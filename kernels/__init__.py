@@ -179,8 +179,8 @@ def contrastive_block_backward(queries: torch.Tensor, keys: torch.Tensor, target
     block's row_lse [R], the full (all-blocks) col_lse [C] and target_logit [R] are the grad_* arguments.
     col_lse is the combined column LSE, not this block's partial one.
     deterministic: triton only; True runs two backward kernels without atomics (same bits for the same autotuned
-    configuration), False
-    one fused kernel whose dkeys, summed with atomic adds, may differ run to run in the last bits."""
+    configuration), False one fused kernel whose dkeys, summed with atomic adds, may differ run to run in the last
+    bits."""
     num_col_stats = col_lse.shape[0] if isinstance(col_lse, torch.Tensor) else -1
     scale = _check_block(queries, keys, targets, scale, key_mask, num_col_stats)
     num_rows = queries.shape[0]

@@ -7,8 +7,8 @@ For every kernel x dtype x autotune config x target: `triton.compile(ASTSource(.
 32))` gives TTGIR and PTX without a GPU; the `ptxas` shipped inside the triton wheel (`ptxas -v --gpu-name sm_90a`)
 assembles the PTX and reports registers, spill stores/loads and shared memory. A dot ran on tensor cores when the
 TTGIR lowered it to `ttng.warp_group_dot` (wgmma, sm_90a) or to a `tt.dot` with an `#mma` result layout (mma.sync,
-sm_80); an fp32 dot with IEEE precision stays on `#blocked` layouts (FMA loops). Global atomics are counted in the
-PTX (`atom.global.*` / `red.global.*`): the fused backward adds dK with them, no other kernel may.
+sm_80); an fp32 dot with IEEE precision stays on `#blocked` layouts (FMA loops). Atomics are counted in the PTX
+(`atom.*` / `red.*`, any state space): the fused backward adds dK with global ones, no other kernel may have any.
 
 Arguments are specialised as at run time on CUDA: pointers and D-like sizes and strides divisible by 16.
 The kernels must have been imported without TRITON_INTERPRET (the interpreter ships one small config only).
@@ -47,7 +47,7 @@ class CompileResult:
     shared_limit: int
     dots: int
     tensor_core_dots: int
-    atomics: int  # global atomic / reduction instructions in the PTX (red.*, atom.*)
+    atomics: int  # atomic / reduction instructions in the PTX (red.*, atom.*)
     status: str
 
     @property
