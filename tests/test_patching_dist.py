@@ -4,18 +4,15 @@ what the offline streaming patch makes of the gathered weights; alpha 0 gives th
 the fine-tuned export; the rank-0 streaming fallback (forced, and detected for a directory that is not shared),
 the random-init path, an interrupted export and `clove-dist patch|export` of the 2-rank checkpoint agree with it.
 
-Run as a script by torchrun (see `_launch`), this file is the worker of each rank.
+Run as a script by torchrun (see the `runs` fixture), this file is the worker of each rank.
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from launch import kill_tree
+from launch import torchrun
 import torch
 
 STEPS = 2
@@ -125,27 +122,6 @@ def worker(variant: str, root: Path) -> None:
     cdist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(stage: str, root: Path, repo: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(Path(__file__).resolve()), str(stage), str(root)]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)  # torchrun and both ranks (each in a session of its own): none may outlive the test
-        _, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 400 s: {err[-4000:]}")
-    assert proc.returncode == 0, err[-6000:]
-
-
 if __name__ == "__main__":
     worker(sys.argv[1], Path(sys.argv[2]))
     raise SystemExit(0)
@@ -155,11 +131,11 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, request):
+def runs(tmp_path_factory):
     out = {}
     for stage in VARIANTS:
         root = tmp_path_factory.mktemp(f"zero{stage}")
-        _launch(stage, root, request.config.rootpath)
+        torchrun(2, str(Path(__file__).resolve()), stage, str(root), timeout=400)
         out[stage] = root
     return out
 
