@@ -143,8 +143,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str | o
         weights = classifier(model, tokenizer, classnames, templates, device=device, batch_size=batch_size,
                              progress=progress, shard=shard)  # (C, D)
         feats = encode_images(
-            model, _images(shard_paths, preprocess, len(classnames), labels, loaded, counts, damage, progress,
-                                  shard), batch_size, device=device)  # (N, D)
+            model, _images(shard_paths, preprocess, len(classnames), labels, loaded, counts, damage, progress, shard),
+            batch_size, device=device)  # (N, D)
     _, feats, labels = gather_rows(loaded, feats, labels, shard)
     counts = sum_counts(counts, shard)
     if damage.note():
