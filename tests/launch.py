@@ -40,6 +40,12 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def logged_steps(run_dir: Path) -> int:
+    """Training steps a run directory's metrics.jsonl holds so far (event lines left out), 0 before it exists."""
+    path = run_dir / "metrics.jsonl"
+    return sum('"event"' not in ln for ln in path.read_text().splitlines()) if path.exists() else 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from launch import REPO, cpu_env, free_port, kill_tree, run, train_args
+from launch import REPO, cpu_env, free_port, kill_tree, logged_steps, run, train_args
 
 from clove_dist.checkpoint import MANIFEST
 
@@ -31,25 +31,20 @@ def _partial_tags(ckpt_dir) -> list[int]:
     return [int(p.name[4:]) for p in ckpt_dir.glob("step?????????") if p.is_dir() and not (p / MANIFEST).exists()]
 
 
-def _logged_steps(out) -> int:
-    path = out / "debug" / "metrics.jsonl"
-    return sum('"event"' not in ln for ln in path.read_text().splitlines()) if path.exists() else 0
-
-
 def _kill_when(world, out, delay_s: float, mid_save: bool) -> list[int]:
     """Start a run and SIGKILL it (launcher and ranks) delay_s after it logged its first new step, or, with
     mid_save, as soon as a checkpoint directory exists without its manifest; returns the steps of the partial
     checkpoints left behind."""
-    before = _logged_steps(out)
+    before = logged_steps(out / "debug")
     proc = subprocess.Popen(_command(world, out), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt_dir = out / "debug" / "checkpoints"
     start, trained_at = time.monotonic(), None
     while proc.poll() is None and time.monotonic() - start < 180:
-        if mid_save and before < _logged_steps(out) and _partial_tags(ckpt_dir):
+        if mid_save and before < logged_steps(out / "debug") and _partial_tags(ckpt_dir):
             break
         if not mid_save:
-            if trained_at is None and _logged_steps(out) > before:
+            if trained_at is None and logged_steps(out / "debug") > before:
                 trained_at = time.monotonic()
             if trained_at is not None and time.monotonic() - trained_at >= delay_s:
                 break

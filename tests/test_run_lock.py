@@ -9,14 +9,9 @@ import sys
 import time
 
 import pytest
-from launch import REPO, cpu_env, kill_tree, torchrun, train_args
+from launch import REPO, cpu_env, kill_tree, logged_steps, torchrun, train_args
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
-
-
-def _steps_logged(run_dir) -> int:
-    path = run_dir / "metrics.jsonl"
-    return sum('"event"' not in ln for ln in path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_second_run_on_a_live_directory_is_refused_until_the_first_dies(world, tmp_path):
@@ -27,9 +22,9 @@ def test_second_run_on_a_live_directory_is_refused_until_the_first_dies(world, t
                              start_new_session=True)
     try:
         start = time.monotonic()
-        while _steps_logged(run_dir) < 1 and first.poll() is None and time.monotonic() - start < 180:
+        while logged_steps(run_dir) < 1 and first.poll() is None and time.monotonic() - start < 180:
             time.sleep(0.1)
-        assert first.poll() is None and _steps_logged(run_dir) >= 1, "the first run did not start training"
+        assert first.poll() is None and logged_steps(run_dir) >= 1, "the first run did not start training"
         assert f"pid {first.pid} on " in (run_dir / "run.lock").read_text()
         second = torchrun(2, "-m", "clove_dist.train", *train_args(world, tmp_path, "--set", "train.max_steps=2"),
                           check=False)
