@@ -8,8 +8,9 @@
               clean captions ("a small red circle to the left of a large blue square"), six colours and four
               shapes. A SugarCrepe-format set on compositions no training image shows, and a zero-shot set over
               the pre-training classes
-2. base       a small CLIP (clove-tiny) trained from scratch on the alt-text shards without negatives: it stands
-              in for the pre-trained OpenAI weights, which no one can download here
+2. base       a small CLIP (clove-tiny-rn, a ResNet: at this size it learns shapes in a few hundred steps, a ViT
+              does not) trained from scratch on the alt-text shards without negatives: it stands in for the
+              pre-trained OpenAI weights, which no one can download here
 3. negatives  `clove-dist negatives` on the fine-tuning shards: captions parsed once, parses and the corpus
               vocabulary written next to the shards (REPLACE then only picks words the captions use)
 4. clove      fine-tuning from the base weights on the synthetic captions with hard negatives, REPLACE and
@@ -49,11 +50,11 @@ def _train(config_path: Path, overrides: list[str]) -> dict[str, Any]:
     return train(load_config(config_path, overrides))
 
 
-def _sweep(base_weights: str, tuned: str, alphas: list[float], out: Path, world, title: str,
+def _sweep(model: str, base_weights: str, tuned: str, alphas: list[float], out: Path, world, title: str,
            save_patched: bool = False) -> dict[float, dict[str, Any]]:
     """`clove-dist sweep` of base -> tuned on the world's sets into `out`; its rows by alpha (fractions)."""
     from .patching.sweep import sweep
-    rows = sweep("clove-tiny", base_weights, tuned, alphas, out, sugarcrepe=world.sugarcrepe_dir,
+    rows = sweep(model, base_weights, tuned, alphas, out, sugarcrepe=world.sugarcrepe_dir,
                  zeroshot=world.zeroshot_dir, batch_size=128, save_patched=save_patched, progress=False, title=title)
     return {r["alpha"]: r for r in rows}
 
@@ -116,7 +117,7 @@ ABLATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def _ablations(config: Path, common: list[str], world, base_weights: str, vocabulary: Path,
+def _ablations(config: Path, common: list[str], model: str, world, base_weights: str, vocabulary: Path,
                rows: list[dict[str, Any]], args, out: Path) -> str:
     """Fine-tune once per ablation; the table holds each patched at 0.6 and at alpha 1, next to full CLoVe. Each
     ablation's sweep (eval_alpha<A>.json, sweep.csv/json/png) lands in out/ablation<N>/."""
@@ -129,8 +130,8 @@ def _ablations(config: Path, common: list[str], world, base_weights: str, vocabu
             f"model.pretrained={base_weights}", f"negatives.vocabulary={vocabulary}",
             f"train.total_samples={args.clove_steps * args.batch_size}", *overrides])
         tuned = str(Path(run["run_dir"]) / "export" / "finetuned.safetensors")
-        swept = _sweep(base_weights, tuned, [0.6, 1.0], out / f"ablation{i + 1}", world,
-                       title=f"clove-tiny on the synthetic world, ablation: {name}")
+        swept = _sweep(model, base_weights, tuned, [0.6, 1.0], out / f"ablation{i + 1}", world,
+                       title=f"{model} on the synthetic world, ablation: {name}")
         table += [_row(f"{name} (alpha {a:g})", swept[a]) for a in (0.6, 1.0)]
         log(f"   ({time.perf_counter() - t:.0f} s)")
     (out / "ablations.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from .patching.sweep import parse_alphas
     alphas = sorted(set(parse_alphas(args.sweep_alphas)) | set(ALPHAS))  # a bad alpha fails now, not after training
 
-    from .config import packaged_config
+    from .config import load_config, packaged_config
     from .data.synthetic import write_world
     from .negatives import precompute
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args.config) if args.config else packaged_config("demo")
     common = [f"run.output_dir={out / 'runs'}", f"data.batch_size={args.batch_size}",
               f"data.num_workers={args.workers}", f"run.seed={args.seed}", "patching.alphas=[]"]
+    model = load_config(config, common).model.name  # a bad config fails now, not after the world is written
 
     t = _stage("1/5 world: alt-text and synthetic-caption shards, SugarCrepe-format and zero-shot sets")
     world = write_world(out / "world", seed=args.seed, num_train=args.num_train, num_pretrain=args.num_pretrain,
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   {world.num_pretrain} pre-training and {world.num_train} fine-tuning images "
         f"({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"2/5 base: clove-tiny from scratch on alt-text, {args.base_steps} steps without negatives")
+    t = _stage(f"2/5 base: {model} from scratch on alt-text, {args.base_steps} steps without negatives")
     base = _train(config, common + [
         "run.name=base", f"data.train_shards={world.pretrain_pattern}", "negatives.style=none",
         "data.caption_key=txt",
@@ -203,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   loss {clove['loss']:.3f} ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("5/5 sweep: patch at every alpha, evaluate each on the SugarCrepe-format and zero-shot sets")
-    swept = _sweep(base_weights, clove_weights, alphas, out, world, save_patched=True,
-                   title="clove-tiny on the synthetic world: base (alpha 0) to CLoVe fine-tuned (alpha 1)")
+    swept = _sweep(model, base_weights, clove_weights, alphas, out, world, save_patched=True,
+                   title=f"{model} on the synthetic world: base (alpha 0) to CLoVe fine-tuned (alpha 1)")
     names = {0.0: "base (alpha 0)", 1.0: "fine-tuned (alpha 1)"}
     rows = [_row(names.get(a, f"CLoVe (alpha {a})"), swept[a]) for a in ALPHAS]
     log(f"   ({time.perf_counter() - t:.0f} s)")
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + format_sweep(list(swept.values())))
     print(f"alpha sweep, SugarCrepe average against zero-shot top-1: {out / 'sweep.png'}")
     if args.ablations:
-        ablations = _ablations(config, common, world, base_weights, vocabulary, rows, args, out)
+        ablations = _ablations(config, common, model, world, base_weights, vocabulary, rows, args, out)
         (out / "ablations.md").write_text(ablations + "\n")
         print("\n" + ablations)
     log(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s; outputs in {out}:")

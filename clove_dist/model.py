@@ -3,7 +3,8 @@
     model, preprocess_train, preprocess_val, tokenizer = create(ModelConfig(name="ViT-B-32", pretrained="openai"))
     model, ... = create(ModelConfig(name="clove-tiny", pretrained="runs/base/export/finetuned.safetensors"))
 
-Besides open_clip's own architectures, the small configs in clove_dist/model_configs/ (clove-tiny, clove-micro) are
+Besides open_clip's own architectures, the small configs in clove_dist/model_configs/ (clove-tiny and clove-micro,
+small ViTs for tests; clove-tiny-rn, a small ResNet with BatchNorm, open_clip's ModifiedResNet, for the demo) are
 registered with open_clip at import, so `open_clip.create_model("clove-tiny", pretrained=path)` works once this
 module is imported. No model hub is needed when `pretrained` is a local path.
 

@@ -122,3 +122,31 @@ def test_two_ranks_evaluate_during_training_and_report(world, tmp_path):
     logged = {r["step"]: r["loss"] for r in steps}
     for e in acc.Scalars("train/loss"):
         assert e.value == pytest.approx(logged[e.step], rel=1e-6)  # float32 in the event file
+
+
+def test_resnet_batchnorm_under_zero3_exports_trained_buffers(world, tmp_path):
+    """The demo's clove-tiny-rn (open_clip's ModifiedResNet: BatchNorm running statistics are buffers, which ZeRO
+    does not partition, and num_batches_tracked is an int64) on 2 ranks, every parameter partitioned, patched on
+    the ranks at the end: both exports load into open_clip with the trained statistics, and the patched file
+    interpolates the floating tensors and keeps the step count an integer."""
+    start = tmp_path / "start.pt"
+    init = open_clip.create_model("clove-tiny-rn").state_dict()
+    torch.save(init, start)
+    _run_many(tmp_path, [train_args(
+        world, tmp_path, "--set", "model.name=clove-tiny-rn", "--set", f"model.pretrained={start}",
+        "--set", "distributed.zero_stage=3", "--set", "distributed.stage3_param_persistence_threshold=0",
+        "--set", "train.max_steps=2", "--set", "patching.alphas=[0.5]")])
+    export = tmp_path / "debug" / "export"
+    fine = load_file(str(export / "finetuned.safetensors"))
+    patched = load_file(str(export / "patched_alpha0.5.safetensors"))
+    assert fine.keys() == patched.keys() == init.keys()
+    bn = "visual.bn1.running_var"
+    assert not torch.allclose(fine[bn], init[bn])  # the statistics of the 2 training steps, not the initial ones
+    assert fine["visual.bn1.num_batches_tracked"].item() == 2
+    assert patched["visual.bn1.num_batches_tracked"].dtype == torch.int64
+    for k in (bn, "visual.layer1.0.conv1.weight", "text_projection"):
+        # fp32 lerp of the same fp32 numbers: the sharded patch and this one round alike to a few ulps
+        torch.testing.assert_close(patched[k], (init[k].float() + fine[k]) / 2, rtol=1e-6, atol=1e-6, msg=k)
+    for name in ("finetuned.safetensors", "patched_alpha0.5.safetensors"):
+        model = open_clip.create_model("clove-tiny-rn", pretrained=str(export / name))  # what a user does
+        assert torch.equal(model.state_dict()[bn], load_file(str(export / name))[bn])
