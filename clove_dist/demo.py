@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import load_config, packaged_config
     from .data.synthetic import write_world
+    from .model import model_config
     from .negatives import precompute
 
     t_all = time.perf_counter()
@@ -172,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"run.output_dir={out / 'runs'}", f"data.batch_size={args.batch_size}",
               f"data.num_workers={args.workers}", f"run.seed={args.seed}", "patching.alphas=[]"]
     model = load_config(config, common).model.name  # a bad config fails now, not after the world is written
+    image_size = model_config(model)["vision_cfg"]["image_size"]  # the world is drawn at the model's resolution
 
     t = _stage("1/5 world: alt-text and synthetic-caption shards, SugarCrepe-format and zero-shot sets")
     world = write_world(out / "world", seed=args.seed, num_train=args.num_train, num_pretrain=args.num_pretrain,
                         samples_per_shard=max(1, args.num_train // 4), num_eval_per_subset=args.num_eval,
-                        num_zeroshot_per_class=args.num_zeroshot_per_class, image_size=64, num_retrieval_images=16,
-                        num_aro_per_subset=8, progress=False)
+                        num_zeroshot_per_class=args.num_zeroshot_per_class, image_size=image_size,
+                        num_retrieval_images=16, num_aro_per_subset=8, progress=False)
     log(f"   {world.num_pretrain} pre-training and {world.num_train} fine-tuning images "
         f"({time.perf_counter() - t:.0f} s)")
 
