@@ -60,6 +60,22 @@ def test_small_demo(tmp_path, capsys):
     assert "negatives.vocab.json" in resolved
 
 
+def test_demo_draws_its_world_for_the_configured_model(tmp_path, capsys):
+    """--config naming another model (clove-micro, 32 px): the world is drawn at that model's resolution and every
+    stage trains and evaluates that model."""
+    from clove_dist.config import packaged_config
+    config = tmp_path / "micro.yaml"
+    config.write_text(packaged_config("demo").read_text().replace("name: clove-tiny-rn", "name: clove-micro", 1))
+    out = tmp_path / "demo"
+    rc = cli_main(["demo", "--out", str(out), "--config", str(config), "--num-train", "64", "--num-pretrain", "64",
+                   "--num-eval", "4", "--num-zeroshot-per-class", "1", "--base-steps", "2", "--clove-steps", "2",
+                   "--batch-size", "8", "--workers", "0", "--sweep-alphas", "0.6"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    assert json.loads((out / "world" / "world.json").read_text())["image_size"] == 32  # default demo: 64
+    assert "name: clove-micro" in (out / "runs" / "clove" / "config.yaml").read_text()
+    assert json.loads((out / "sweep.json").read_text())["model"] == "clove-micro"
+
+
 def test_seeds_table_mean_and_spread():
     from clove_dist.demo import seeds_table
     row = lambda v: {"model": "m", "replace": v, "swap": v, "add": v, "sugarcrepe_avg": v, "zeroshot_top1": v}  # noqa: E731
