@@ -63,6 +63,13 @@ def test_sweep_writes_csv_json_png(world, weights, tmp_path, capsys):
 
     assert cli_main(argv) == 2  # a second sweep into the same directory needs --overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    # --overwrite with fewer alphas: the earlier sweep's files of the alphas left out go, the others are rewritten
+    assert cli_main(argv[:-1] + ["--save-patched", "--overwrite", "--alphas", "0", "1"]) == 0
+    assert [r["alpha"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [0.0, 1.0]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval_alpha0.json", "eval_alpha1.json", "patched_alpha0.safetensors", "patched_alpha1.safetensors",
+        "sweep.csv", "sweep.json", "sweep.png"]
+    capsys.readouterr()
     assert cli_main(argv[:-1] + ["--alphas", "0:1.2:0.6"]) == 2  # 1.2 without --allow-extrapolation
     err = capsys.readouterr().err
     assert "alpha must be in [0, 1], got 1.2" in err and err.count("\n") == 1

@@ -107,12 +107,21 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -
     (out / "sweep.json.partial").replace(out / "sweep.json")
 
 
+def _earlier_alphas(out: Path) -> list[float]:
+    """The alphas of the sweep already in `out` (its sweep.json), [] if there is none or it cannot be read."""
+    try:
+        return [float(r["alpha"]) for r in json.loads((out / "sweep.json").read_text())["rows"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float], out: Path, *,
           sugarcrepe: str = "", sugarcrepe_images: str = "", zeroshot: str = "", device: str = "cpu",
           batch_size: int = 64, save_patched: bool = False, progress: bool = True,
           title: str = "") -> list[dict[str, Any]]:
     """Evaluate every alpha; writes sweep.csv, sweep.json, eval_alpha<A>.json (after each alpha) and sweep.png
-    (titled `title`, default: the model and the two inputs) into `out`."""
+    (titled `title`, default: the model and the two inputs) into `out`. Replacing an earlier sweep there, its
+    eval_alpha<A>.json and patched_alpha<A>.safetensors of alphas not in this one are removed."""
     from ..config import ModelConfig
     from ..dist import pick_device
     from ..eval import evaluate_all
@@ -127,6 +136,7 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
         missing = sorted(expected - set(pre)) or sorted(set(pre) - expected)
         raise PatchError(f"the weights are not of {model_name}: {len(missing)} tensors differ (first: {missing[0]})")
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_alphas(out)
     meta = {"model": model_name, "pretrained": str(pretrained), "finetuned": str(finetuned),
             "sugarcrepe": sugarcrepe, "zeroshot": zeroshot}
     rows = []
@@ -144,6 +154,9 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
         log(f"alpha {alpha:g}: SugarCrepe average {r['sugarcrepe']}, zero-shot top-1 {r['zeroshot_top1']} "
             f"({r['seconds']:.1f} s)")
         _write_tables(rows, out, meta)
+    for alpha in set(earlier) - set(alphas):  # an earlier sweep's files for alphas this one left out would mislead
+        (out / f"eval_alpha{alpha:g}.json").unlink(missing_ok=True)
+        (out / patched_name(alpha)).unlink(missing_ok=True)
     if sugarcrepe and zeroshot:
         plot(rows, out / "sweep.png",
              title or f"{model_name}: patching {Path(pretrained).name} -> {Path(finetuned).name}")
