@@ -107,6 +107,11 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -
     (out / "sweep.json.partial").replace(out / "sweep.json")
 
 
+def _eval_name(alpha: float) -> str:
+    """File name of the evaluation of the weights patched at `alpha` (written beside patched_name(alpha))."""
+    return f"eval_alpha{alpha:g}.json"
+
+
 def _earlier_alphas(out: Path) -> list[float]:
     """The alphas of the sweep already in `out` (its sweep.json), [] if there is none or it cannot be read."""
     try:
@@ -148,14 +153,14 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
         res = evaluate_all(model, preprocess, tokenizer, sugarcrepe_dir=sugarcrepe,
                            sugarcrepe_image_dir=sugarcrepe_images, zeroshot_dir=zeroshot, device=dev,
                            batch_size=batch_size, progress=False)
-        (out / f"eval_alpha{alpha:g}.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / _eval_name(alpha)).write_text(json.dumps(res, indent=2) + "\n")
         rows.append(_row(alpha, res, time.perf_counter() - t))
         r = rows[-1]
         log(f"alpha {alpha:g}: SugarCrepe average {r['sugarcrepe']}, zero-shot top-1 {r['zeroshot_top1']} "
             f"({r['seconds']:.1f} s)")
         _write_tables(rows, out, meta)
     for alpha in set(earlier) - set(alphas):  # an earlier sweep's files for alphas this one left out would mislead
-        (out / f"eval_alpha{alpha:g}.json").unlink(missing_ok=True)
+        (out / _eval_name(alpha)).unlink(missing_ok=True)
         (out / patched_name(alpha)).unlink(missing_ok=True)
     if sugarcrepe and zeroshot:
         plot(rows, out / "sweep.png",
