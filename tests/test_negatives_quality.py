@@ -203,7 +203,7 @@ def test_precompute_writes_a_vocabulary_that_filters_candidates(tmp_path):
     shard = str(tmp_path / "00000.tar")
     write_shard(shard, samples)
     assert precompute.main(["--shards", shard]) == 0
-    vocab = load_vocabulary(str(tmp_path / VOCAB_NAME))
+    vocab = load_vocabulary(str(tmp_path / VOCAB_NAME)).counts
     assert vocab["cat"] == 9 and vocab["dog"] == 6 and vocab["bed"] == 6
     assert (tmp_path / "00000.negvocab.json").is_file() and sidecar_path(shard).endswith(".negparse.jsonl.gz")
     g = build(NegativesConfig(style="replace", max_per_caption=2, sidecar_dir=str(tmp_path), min_corpus_count=3))
@@ -214,6 +214,62 @@ def test_precompute_writes_a_vocabulary_that_filters_candidates(tmp_path):
     table = g.lexicon.table("dog", "n")
     assert table is not None and table.words == ("cat",)
     json.loads((tmp_path / VOCAB_NAME).read_text())  # plain JSON a person can read
+
+
+def _relation_corpus(tmp_path, captions: list[str]) -> str:
+    from test_negatives_sidecar import write_shard
+    samples = [{"key": f"{i:04d}", "txt": "", "json": {"top_caption": c}} for i, c in enumerate(captions)]
+    write_shard(str(tmp_path / "00000.tar"), samples)
+    assert precompute.main(["--shards", str(tmp_path / "00000.tar")]) == 0
+    return str(tmp_path / VOCAB_NAME)
+
+
+def test_relations_come_from_the_corpus(tmp_path):
+    """A corpus that says only left/right/above/below: "below" becomes "above", never "next to", which the captions
+    never use; the vocabulary counts the prepositions apart from the nouns."""
+    captions = ["A red cup below a blue vase.", "A green cup above a red box.", "A blue box to the left of a cup.",
+                "A cup to the right of a green vase."] * 2
+    path = _relation_corpus(tmp_path, captions)
+    vocab = load_vocabulary(path)
+    assert vocab.relations == {"below": 2, "above": 2, "to the left of": 2, "to the right of": 2}
+    assert "below" not in vocab.counts and "above" not in vocab.counts
+    g = build(NegativesConfig(style="replace", max_per_caption=3, vocabulary=path, min_corpus_count=2))
+    new = {}
+    for caption in captions[:4]:
+        for n in draws(g, caption, 40):
+            if n.kind == "replace-relation":
+                new.setdefault(n.old, set()).add(n.new)
+    assert new == {"below": {"above"}, "above": {"below"}, "to the left of": {"to the right of"},
+                   "to the right of": {"to the left of"}}
+    # Without a vocabulary the fixed weights keep "next to" among the targets of both vertical relations.
+    plain = build(NegativesConfig(style="replace", max_per_caption=3))
+    for caption, old in ((captions[0], "below"), (captions[1], "above")):
+        got = {n.new for n in draws(plain, caption, 80) if n.kind == "replace-relation"}
+        assert got == {"above" if old == "below" else "below", "next to"}, (old, got)
+
+
+def test_relation_below_count_is_dropped_and_a_version_1_vocabulary_keeps_fixed_weights(tmp_path):
+    path = _relation_corpus(tmp_path, ["A red cup below a blue vase."] * 3 + ["A green cup above a red box."])
+    g = build(NegativesConfig(style="replace", max_per_caption=3, vocabulary=path, min_corpus_count=2))
+    # "above" occurs once, under min_corpus_count, and "next to" never: "below" has no target left.
+    assert not [n for n in draws(g, "A red cup below a blue vase.", 40) if n.kind == "replace-relation"]
+    obj = json.loads(open(path).read())
+    del obj["relations"]
+    obj["version"] = 1
+    (tmp_path / "v1.json").write_text(json.dumps(obj))
+    assert load_vocabulary(str(tmp_path / "v1.json")).relations is None
+    old = build(NegativesConfig(style="replace", max_per_caption=3, vocabulary=str(tmp_path / "v1.json"),
+                                min_corpus_count=2))
+    got = {n.new for n in draws(old, "A red cup below a blue vase.", 80) if n.kind == "replace-relation"}
+    assert got == {"above", "next to"}
+    # `clove-dist negatives` again over a complete sidecar whose vocabulary predates relations: recounted from the
+    # sidecar's parses, and the sum has them again.
+    shard_vocab = tmp_path / "00000.negvocab.json"
+    shard_obj = json.loads(shard_vocab.read_text())
+    del shard_obj["relations"]
+    shard_vocab.write_text(json.dumps(shard_obj))
+    assert precompute.main(["--shards", str(tmp_path / "00000.tar")]) == 0
+    assert load_vocabulary(path).relations == {"below": 3, "above": 1}
 
 
 def test_require_structure_is_clove_filter():

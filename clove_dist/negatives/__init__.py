@@ -28,7 +28,7 @@ this generator's 86% on the judged set (benchmarks/data/README.md; one reader, m
   coordination or two adjectives of one noun; quantifiers ("several") are no adjectives;
 - no edit past the text encoder's window (`negatives.context_length`, open_clip's tokenizer);
 - with a corpus vocabulary (`clove-dist negatives` writes it), candidates the data uses at least
-  `negatives.min_corpus_count` times, weighted by their count.
+  `negatives.min_corpus_count` times, weighted by their count: entities, attributes, verbs and relations alike.
 `negatives.require_structure: true` reproduces CLoVe's filter (two entities and a relation or modifier). Default
 false: on the judged captions it changes nothing, and on short alt-text ("white cat" -> "black cat", "a cute dog")
 it drops valid negatives; measured 97.85% -> 97.5% of the benchmark's synthetic captions with a negative.
@@ -101,7 +101,10 @@ class NegativeGenerator:
         vocab_path = cfg.vocabulary or default_vocabulary_path(cfg.sidecar_dir)
         self.vocabulary_path = vocab_path
         vocabulary = load_vocabulary(vocab_path) if vocab_path else None
-        self.lexicon = Lexicon(cfg.wordnet_path, cfg.max_senses, vocabulary, cfg.min_corpus_count)
+        self.lexicon = Lexicon(cfg.wordnet_path, cfg.max_senses, vocabulary.counts if vocabulary else None,
+                               cfg.min_corpus_count)
+        self.prepositions = replace.preposition_tables(vocabulary.relations if vocabulary else None,
+                                                       cfg.min_corpus_count)
         self.parser = SceneParser(cfg.spacy_model, cfg.max_caption_chars)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
@@ -174,7 +177,8 @@ class NegativeGenerator:
             stats["num_unstructured"] += 1
             return []
         style = self.cfg.style
-        replace_opts = replace.options(parse, self.lexicon, caption) if style in ("replace", "both") else []
+        replace_opts = replace.options(parse, self.lexicon, caption, self.prepositions) \
+            if style in ("replace", "both") else []
         swap_pairs = swap.swap_pairs(caption, parse, self.lexicon) if style in ("swap", "both") else []
         limit = window_end(caption, self.cfg.context_length)
         if limit < len(caption):  # an edit the text encoder never sees would be a negative equal to its caption

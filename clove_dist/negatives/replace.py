@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from .caption_words import (AGE_WORDS, ANIMAL_COLOURS, ANIMAL_GROUPS, COLOURS, CONTAINER_GROUPS, HANDLING_VERBS,
@@ -40,7 +41,8 @@ _PRONOUN = re.compile(r"\b(?:her|his|she|he|him|hers|herself|himself)\b", re.IGN
 # "with" <-> "without", which swap only with each other.
 SPATIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("on", "onto", "upon", "atop", "on top of", "in", "inside", "into", "within", "inside of", "at"),
-    ("under", "below", "beneath", "underneath"),
+    ("under", "beneath", "underneath"),
+    ("below",),
     ("above", "over"),
     ("next to", "beside", "near", "close to", "alongside", "by"),
     ("in front of", "ahead of"),
@@ -51,8 +53,14 @@ SPATIAL_GROUPS: tuple[tuple[str, ...], ...] = (
 SPATIAL_WEIGHTS = {"on": 6000, "under": 500, "below": 120, "above": 200, "next to": 120, "in front of": 80,
                    "behind": 220, "to the left of": 10, "to the right of": 10}
 # What each group may become: support and containment only become "next to" or "under" ("a pizza above a tray",
-# "a bench on a tree" are no scenes), "next to" only a directed relation (behind, in front of).
+# "a bench on a tree" are no scenes), "next to" only a directed relation (behind, in front of). "below" is a
+# position, like "above", and the two become each other ("a sign below a clock"); "under" is also cover or support
+# ("a cat under a table", "a bench under a tree"), which only becomes "next to" unless its object is furniture or
+# a vehicle (caption_words.UNDER_GROUPS).
+# With a corpus vocabulary that counts relations (vocabulary.py), the weights are the corpus counts instead and a
+# target the captions use fewer than `negatives.min_corpus_count` times is dropped (preposition_tables).
 SPATIAL_TARGETS = {"on": ("next to", "under"), "under": ("on", "next to", "above"), "above": ("below", "next to"),
+                   "below": ("above", "next to"),
                    "next to": ("behind", "in front of"), "in front of": ("behind", "next to"),
                    "behind": ("in front of", "next to"), "to the left of": ("to the right of",),
                    "to the right of": ("to the left of",)}
@@ -98,9 +106,25 @@ PREPOSITION_TABLES = _preposition_tables()
 _SUPPORT = frozenset(SPATIAL_GROUPS[0])
 _UNDER_OR_SUPPORT = _SUPPORT | frozenset(SPATIAL_GROUPS[1])
 _NEXT_TO = make_table({"next_to": 1})
+assert _NEXT_TO is not None
 NUMBER_TABLES = {**_fixed_tables(tuple(((w, f),) for w, f in NUMBER_WEIGHTS)),
                  **_fixed_tables(tuple(((str(i), f),) for i, (_, f) in zip((2, 3, 4, 5, 6, 7, 8, 9, 10, 12),
                                                                             NUMBER_WEIGHTS)))}
+
+
+def preposition_tables(relations: Mapping[str, int] | None, min_count: int) -> tuple[dict[str, Table], Table | None]:
+    """(source preposition -> candidates, the "next to" table of support and cover): the fixed weights above, or
+    with the corpus's relation counts only the targets it uses at least `min_count` (and at least once) times,
+    weighted by their counts; a source left without a target is not replaced."""
+    if relations is None:
+        return PREPOSITION_TABLES, _NEXT_TO
+
+    def reweigh(table: Table) -> Table | None:
+        return make_table({w.replace(" ", "_"): relations.get(w, 0) for w in table.words
+                           if relations.get(w, 0) >= max(1, min_count)})
+
+    tables = {word: reweigh(table) for word, table in PREPOSITION_TABLES.items()}
+    return {w: t for w, t in tables.items() if t is not None}, reweigh(_NEXT_TO)
 
 
 # One replaceable element: (start, end, candidate table, Penn tag to inflect to, kind). Plain tuples: this runs
@@ -195,15 +219,18 @@ def _gendered(caption: str) -> bool:
     return _PRONOUN.search(caption) is not None
 
 
-def options(parse: Parse, lexicon: Any, caption: str = "") -> list[Option]:
+def options(parse: Parse, lexicon: Any, caption: str = "",
+            prepositions: tuple[dict[str, Table], Table | None] = (PREPOSITION_TABLES, _NEXT_TO)) -> list[Option]:
     """The elements of `parse` that have at least one candidate, in parse order. `caption` (optional) keeps a
-    person's gender when a pronoun refers to it ("a girl brushing her teeth")."""
+    person's gender when a pronoun refers to it ("a girl brushing her teeth"); `prepositions` are the relation
+    tables (preposition_tables: the fixed weights, or the corpus's)."""
     out = []
+    preposition_table, next_to = prepositions
     gendered = _gendered(caption) if caption else False
     for role, start, end, lemma, tag, alt_start, alt_lemma in parse.elements:
         table: Table | None
         if role == "P":
-            table = PREPOSITION_TABLES.get(lemma)
+            table = preposition_table.get(lemma)
             obj, _, head = alt_lemma.partition("|")
             if table is not None and lemma not in ("with", "without"):
                 if not relation_object_ok(obj, lexicon) or \
@@ -211,7 +238,7 @@ def options(parse: Parse, lexicon: Any, caption: str = "") -> list[Option]:
                     table = None
                 elif lexicon.noun_group(obj) not in UNDER_GROUPS and lemma in _UNDER_OR_SUPPORT or \
                         lemma in _SUPPORT and head.endswith("|VERB"):
-                    table = _NEXT_TO  # someone sitting on a thing, a pizza on a tray, a bench under a tree
+                    table = next_to  # someone sitting on a thing, a pizza on a tray, a bench under a tree
         elif role == "N":
             table = NUMBER_TABLES.get(lemma)
         elif role == "V":

@@ -2,12 +2,15 @@
 
     clove-dist negatives --shards '/data/{00000..00999}.tar' --out /scratch/negparse
     # writes /scratch/negparse/<shard>.negvocab.json per shard and /scratch/negparse/negatives.vocab.json (the sum)
-    vocab = load_vocabulary("/scratch/negparse/negatives.vocab.json")      # {lemma: count}
+    vocab = load_vocabulary("/scratch/negparse/negatives.vocab.json")  # .counts, .relations: {lemma: count}
 
 REPLACE candidates then come from words the data uses: a replacement must occur at least
 `negatives.min_corpus_count` times and is drawn in proportion to its count (a word the captions never use teaches
 the text encoder nothing the images can confirm). Lemmas are counted per element of the parse: entity heads (a
-compound whole, "fire hydrant", and its root noun), attributes, verbs; words joined by spaces, lowercase.
+compound whole, "fire hydrant", and its root noun), attributes, verbs; words joined by spaces, lowercase. The
+prepositions of relations ("on", "to the left of") are counted apart, under "relations", so that "behind" the
+preposition never counts as the noun. A version 1 file (no relation counts) still loads; relations then keep
+their fixed weights.
 """
 from __future__ import annotations
 
@@ -15,20 +18,31 @@ import glob
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from ..errors import UserError
 from .parse import Parse
 
 FORMAT = "clove-dist-vocab"
-VERSION = 1
+VERSION = 2  # 2 added relation counts
 VOCAB_NAME = "negatives.vocab.json"
 SHARD_SUFFIX = ".negvocab.json"
 
 
-def count_lemmas(parses: Iterable[Parse]) -> Counter:
-    """Lemma counts of the entities, attributes and verbs of `parses`."""
-    counts: Counter = Counter()
+@dataclass
+class Vocabulary:
+    """Lemma counts of the entities, attributes and verbs (`counts`) and of the relations' prepositions
+    (`relations`; None when the file predates them) of a corpus."""
+    counts: Counter = field(default_factory=Counter)
+    relations: Counter | None = field(default_factory=Counter)
+
+
+def count_lemmas(parses: Iterable[Parse]) -> Vocabulary:
+    """Lemma counts of the entities, attributes, verbs and prepositions of `parses`."""
+    vocab = Vocabulary()
+    counts, relations = vocab.counts, vocab.relations
+    assert relations is not None
     for parse in parses:
         if parse.status != "ok":
             continue
@@ -37,14 +51,20 @@ def count_lemmas(parses: Iterable[Parse]) -> Counter:
                 counts[lemma.replace("_", " ")] += 1
                 if role == "E" and alt_start >= 0:
                     counts[alt_lemma] += 1
-    return counts
+            elif role == "P":
+                relations[lemma.replace("_", " ").lower()] += 1
+    return vocab
 
 
-def _write(path: str, counts: Counter, num_shards: int) -> None:
+def _sorted(counts: Counter) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _write(path: str, vocab: Vocabulary, num_shards: int) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "num_shards": num_shards,
-                   "counts": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}, f)
+        json.dump({"format": FORMAT, "version": VERSION, "num_shards": num_shards, "counts": _sorted(vocab.counts),
+                   "relations": _sorted(vocab.relations or Counter())}, f)
     os.replace(tmp, path)
 
 
@@ -53,31 +73,48 @@ def shard_vocab_path(sidecar: str) -> str:
         else sidecar + SHARD_SUFFIX
 
 
-def write_shard_vocabulary(sidecar: str, counts: Counter) -> None:
-    _write(shard_vocab_path(sidecar), counts, 1)
+def write_shard_vocabulary(sidecar: str, vocab: Vocabulary) -> None:
+    _write(shard_vocab_path(sidecar), vocab, 1)
 
 
 def merge_directory(directory: str) -> str:
-    """Sum every per-shard vocabulary of `directory` into negatives.vocab.json there; returns its path."""
-    total: Counter = Counter()
+    """Sum every per-shard vocabulary of `directory` into negatives.vocab.json there; returns its path. Relation
+    counts are summed when every shard has them (a version 1 shard among them leaves the sum without)."""
+    total = Vocabulary()
     shards = sorted(glob.glob(os.path.join(directory or ".", "*" + SHARD_SUFFIX)))
     for path in shards:
-        total.update(load_vocabulary(path))
+        vocab = load_vocabulary(path)
+        total.counts.update(vocab.counts)
+        if total.relations is not None and vocab.relations is not None:
+            total.relations.update(vocab.relations)
+        else:
+            total.relations = None
     out = os.path.join(directory or ".", VOCAB_NAME)
     _write(out, total, len(shards))
     return out
 
 
-def load_vocabulary(path: str) -> dict[str, int]:
-    """{lemma: count}; UserError naming the file when it is missing or not a vocabulary."""
+def has_relation_counts(path: str) -> bool:
+    """Whether `path` is a readable vocabulary with relation counts (False when missing or version 1)."""
+    try:
+        return load_vocabulary(path).relations is not None
+    except UserError:
+        return False
+
+
+def load_vocabulary(path: str) -> Vocabulary:
+    """The counts of a vocabulary file; UserError naming the file when it is missing or not a vocabulary."""
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"negatives.vocabulary: cannot read {path} ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("counts"), dict):
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("counts"), dict) or \
+            not isinstance(obj.get("relations", {}), dict):
         raise UserError(f"negatives.vocabulary: {path} is not a clove-dist vocabulary file")
-    return {str(k): int(v) for k, v in obj["counts"].items()}
+    relations = obj.get("relations")
+    return Vocabulary(Counter({str(k): int(v) for k, v in obj["counts"].items()}),
+                      None if relations is None else Counter({str(k): int(v) for k, v in relations.items()}))
 
 
 def default_vocabulary_path(sidecar_dir: str) -> str:
