@@ -42,7 +42,7 @@ SUGARCREPE_FIELDS = {"filename", "caption", "negative_caption"}
 SUGARCREPE_FILES = ["add_att.json", "add_obj.json", "replace_att.json", "replace_obj.json", "replace_rel.json",
                     "swap_att.json", "swap_obj.json"]
 
-_NP = rf"a(?: ({'|'.join(SIZES)}))?(?: ({'|'.join(PALETTE)}))? ({'|'.join(SHAPES)})"
+_NP = rf"an?(?: ({'|'.join(SIZES)}))?(?: ({'|'.join(PALETTE)}))? ({'|'.join(SHAPES)})"
 _CAPTION = re.compile(rf"^{_NP}(?: ({'|'.join(RELATIONS)}) {_NP})?$")
 
 NUM_TRAIN, PER_SHARD, NUM_EVAL, PER_CLASS = 150, 64, 12, 2
@@ -53,6 +53,8 @@ def parse(text: str) -> tuple[list[tuple[str | None, str | None, str]], str]:
     """Caption -> ([(size, colour, shape) per noun phrase], relation or "")."""
     m = _CAPTION.match(text)
     assert m, f"caption outside the grammar: {text!r}"
+    for article, word in re.findall(r"\b(an?) (\w+)", text):
+        assert (article == "an") == (word[0] in "aeiou"), f"wrong article in {text!r}"  # "an orange cross"
     g = m.groups()
     nps = [(g[0], g[1], g[2])] + ([(g[4], g[5], g[6])] if g[3] else [])
     return nps, g[3] or ""

@@ -213,9 +213,10 @@ def relation_holds(scene: Scene, relation: str) -> bool:
 # ------------------------------------------------------------------------------------------------------ captions
 
 def describe(obj: Obj, *, size: bool = True, colour: bool = True) -> str:
-    """Noun phrase for one object: "a small red circle"; `size`/`colour` False leave that word out."""
-    words = ["a"] + ([obj.size] if size else []) + ([obj.colour] if colour else []) + [obj.shape]
-    return " ".join(words)
+    """Noun phrase for one object: "a small red circle", "an orange cross"; `size`/`colour` False leave that word
+    out."""
+    words = ([obj.size] if size else []) + ([obj.colour] if colour else []) + [obj.shape]
+    return " ".join(["an" if words[0][0] in "aeiou" else "a"] + words)
 
 
 def caption(scene: Scene, omit: frozenset[tuple[int, str]] = frozenset()) -> str:
@@ -227,7 +228,7 @@ def caption(scene: Scene, omit: frozenset[tuple[int, str]] = frozenset()) -> str
 
 def alt_text(rng: random.Random, clean: str) -> str:
     """A noisy web alt-text for a caption: content words dropped and shuffled, filler words added."""
-    stop = {"a", "the", "to", "of"}
+    stop = {"a", "an", "the", "to", "of"}
     words = [w for w in clean.split() if w not in stop and rng.random() < 0.7]
     words += rng.sample(ALT_TEXT_FILLERS, rng.randint(1, 3))
     rng.shuffle(words)
