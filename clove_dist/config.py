@@ -69,7 +69,8 @@ class NegativesConfig:
     vocabulary: str = ""  # lemma counts `clove-dist negatives` wrote; "" = sidecar_dir/negatives.vocab.json if any
     min_corpus_count: int = 5  # with a vocabulary, a replacement must occur at least this often in the captions
     require_structure: bool = False  # CLoVe's filter: negatives only for >= 2 entities and a relation or modifier
-    context_length: int = 77  # tokenizer context; edits past it are never made (0 = no limit)
+    context_length: int = 77  # no edit past this many tokens (0 = no limit); training caps it at the model's
+    # text context (its tokenizer's), so only a shorter window needs setting
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,14 @@ def test_caption_of():
     assert caption_of(s, "json.missing") == "" and caption_of(s, "txt") == "alt"
     with pytest.raises(ValueError):
         caption_of({"json": b"{not json"}, "json.top_caption")  # the pipeline counts it as bad_json
+
+
+def test_negatives_stay_inside_the_model_text_context(tmp_path, tools):
+    """negatives.context_length is 77 by default; clove-micro reads 16 tokens. An edit past the 16th would give a
+    negative its model cannot tell from the caption, so the loader caps the window at the tokenizer's."""
+    late = "so this is it and this is it and this is it and so it is, a red dog sleeping on a bed"
+    early = "a red dog sleeping on a bed"
+    _write_shard(tmp_path / "0.tar", [_sample(f"{i:09d}", c) for i, c in enumerate([late, early, late, early])])
+    assert tools[1].context_length == 16 and NegativesConfig().context_length == 77
+    (batch,) = _batches(str(tmp_path / "0.tar"), tools, 1, style="both")
+    assert batch["negative_owner"][batch["negative_valid"]].tolist() == [1, 3]  # only the short captions

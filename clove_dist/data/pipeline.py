@@ -17,6 +17,7 @@ spaCy runs at training time (negatives.sidecar_dir when they were written elsewh
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections import Counter, OrderedDict
@@ -76,6 +77,9 @@ class SampleBuilder:
     def __init__(self, data_cfg: DataConfig, neg_cfg: NegativesConfig, preprocess: Callable, tokenizer: Callable,
                  epoch: int = 0) -> None:
         self.data_cfg = data_cfg
+        window = getattr(tokenizer, "context_length", 0)  # open_clip's tokenizers carry the model's text context
+        if window and not 0 < neg_cfg.context_length <= window:
+            neg_cfg = dataclasses.replace(neg_cfg, context_length=window)  # no edit past what the model reads
         self.neg_cfg = neg_cfg
         self.preprocess = preprocess
         self.tokenizer = tokenizer
