@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from clove_dist.data import synthetic
-from clove_dist.data.synthetic import WorldPaths, main, write_world
+from clove_dist.data.synthetic import WorldPaths, main, write_sugarcrepe, write_world
 
 # The world's vocabulary as a reader of its captions knows it (not imported, so a change there is caught here).
 PALETTE = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (240, 220, 30),
@@ -280,13 +280,18 @@ def test_sugarcrepe_files_match_the_real_format(world):
 
 
 def _words(text: str) -> list[str]:
-    return text.split()
+    return [w for w in text.split() if w not in ("a", "an")]  # "a red" -> "an orange" is one word changed
 
 
 def test_sugarcrepe_positive_true_negative_false(world):
-    root = Path(world.sugarcrepe_dir)
+    check_true_and_false(Path(world.sugarcrepe_dir), SUGARCREPE_FILES)
+
+
+def check_true_and_false(root: Path, files: list[str]) -> None:
+    """Every positive of `files` under `root` is true of its scene and pixels, every negative false of its scene,
+    and each negative differs from its positive the way its subset says."""
     scenes = json.loads((root / "scenes.json").read_text())
-    for name in SUGARCREPE_FILES:
+    for name in files:
         subset = name[:-5]
         for entry in json.loads((root / name).read_text()).values():
             pos, neg = entry["caption"], entry["negative_caption"]
@@ -318,6 +323,26 @@ def test_sugarcrepe_positive_true_negative_false(world):
                 assert len(nw) == len(pw) + 1 and prel == nrel
                 added = list((Counter(nw) - Counter(pw)).elements())
                 assert len(added) == 1 and added[0] in (*PALETTE, *SIZES)
+
+
+def test_seen_composition_set_is_the_world_set_without_its_held_out_pairs(world, train_samples, pretrain_samples,
+                                                                          tmp_path):
+    """write_sugarcrepe(held_out=False): the same format and rules on compositions training shows, in captions it
+    does not (benchmarks/bench_demo_probe.py sets it beside the world's held-out set)."""
+    seen = {s["txt"] for s in train_samples + pretrain_samples} | {s["json"]["top_caption"] for s in train_samples}
+    root = Path(write_sugarcrepe(tmp_path / "seen", 0, NUM_EVAL, 64, seen, held_out=False))
+    files = [f for f in SUGARCREPE_FILES if f != "add_obj.json"]
+    assert sorted(p.name for p in root.glob("*.json") if p.name != "scenes.json") == files
+    scenes = json.loads((root / "scenes.json").read_text())
+    assert len(scenes) == NUM_EVAL and not any(_held_out(sc) for sc in scenes.values())
+    for name in files:
+        entries = json.loads((root / name).read_text())
+        assert list(entries) == [str(i) for i in range(NUM_EVAL)]
+        for entry in entries.values():
+            assert entry["caption"] not in seen and entry["negative_caption"] not in seen, (name, entry)
+    check_true_and_false(root, files)
+    world_scenes = json.loads((Path(world.sugarcrepe_dir) / "scenes.json").read_text())
+    assert not set(map(json.dumps, scenes.values())) & set(map(json.dumps, world_scenes.values()))
 
 
 # ------------------------------------------------------------------------------------------------------ zeroshot

@@ -439,16 +439,19 @@ def _held_out_scene(rng: random.Random, num_objects: int) -> Scene:
     raise AssertionError("no held-out scene in 1000 draws")
 
 
-def _eval_pairs(seed: int, index: int, num_objects: int, subsets: tuple[str, ...],
-                seen: set[str]) -> tuple[Scene, dict[str, tuple[str, str]]]:
-    """One evaluation scene and a (positive, negative) pair per subset, no caption of which occurs in `seen`."""
-    stream = "sugarcrepe-pair" if num_objects == 2 else "sugarcrepe-single"
+def _eval_pairs(seed: int, index: int, num_objects: int, subsets: tuple[str, ...], seen: set[str],
+                held_out: bool = True) -> tuple[Scene, dict[str, tuple[str, str]]]:
+    """One evaluation scene and a (positive, negative) pair per subset, no caption of which occurs in `seen`. The
+    scene shows a held-out composition, or with `held_out` False none (from streams of their own)."""
+    prefix = "sugarcrepe" if held_out else "sugarcrepe-seen"
+    stream = f"{prefix}-pair" if num_objects == 2 else f"{prefix}-single"
     scene_rng = _rng(seed, stream, index)
     for _ in range(_MAX_DRAWS):
-        scene = _held_out_scene(scene_rng, num_objects)
+        scene = _held_out_scene(scene_rng, num_objects) if held_out else \
+            sample_scene(scene_rng, num_objects, exclude_held_out=True)
         pairs = {}
         for subset in subsets:
-            rng = _rng(seed, f"sugarcrepe-{subset}", index)
+            rng = _rng(seed, f"{prefix}-{subset}", index)
             for _ in range(_MAX_DRAWS):
                 pos, neg = sugarcrepe_pair(rng, subset, scene)
                 if pos not in seen and neg not in seen:
@@ -461,16 +464,18 @@ def _eval_pairs(seed: int, index: int, num_objects: int, subsets: tuple[str, ...
     raise AssertionError(f"no unseen evaluation pair for scene {index} in {_MAX_DRAWS} draws")
 
 
-def _write_sugarcrepe(root: Path, seed: int, num_per_subset: int, image_size: int, progress: bool,
-                      seen: set[str]) -> str:
-    out = root / "sugarcrepe"
+def write_sugarcrepe(out: Path, seed: int, num_per_subset: int, image_size: int, seen: set[str], *,
+                     held_out: bool = True, progress: bool = False) -> str:
+    """A SugarCrepe-format set in `out`; no positive or negative caption is in `seen` (the training captions).
+    Every image shows a held-out composition (the world's set), or with `held_out` False only compositions that
+    training shows, in captions it does not: the two sets apart tell composition from recall of seen pairs. The
+    second set has no add_obj: its one-object captions are few, and training holds nearly all of them."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     # Like the real benchmark (COCO val2017 images reused across subsets), the six two-object subsets share one
-    # pool of images, so an evaluator that encodes each unique image once has real work to save. Every image shows
-    # a held-out composition, and no positive or negative caption is one a training shard holds.
+    # pool of images, so an evaluator that encodes each unique image once has real work to save.
     two = tuple(s for s in SUGARCREPE_SUBSETS if s != "add_obj")
-    pools = {2: [_eval_pairs(seed, i, 2, two, seen) for i in range(num_per_subset)],
-             1: [_eval_pairs(seed, i, 1, ("add_obj",), seen) for i in range(num_per_subset)]}
+    pools = {2: [_eval_pairs(seed, i, 2, two, seen, held_out) for i in range(num_per_subset)],
+             1: [_eval_pairs(seed, i, 1, ("add_obj",), seen) for i in range(num_per_subset) if held_out]}
     names = {2: [f"{i:012d}.jpg" for i in range(num_per_subset)],
              1: [f"{num_per_subset + i:012d}.jpg" for i in range(num_per_subset)]}
     bar = tqdm(total=2 * num_per_subset, desc="world: sugarcrepe", unit="img", disable=not progress)
@@ -481,7 +486,7 @@ def _write_sugarcrepe(root: Path, seed: int, num_per_subset: int, image_size: in
             scenes[name] = _scene_dict(scene)
             bar.update(1)
     bar.close()
-    for subset in SUGARCREPE_SUBSETS:
+    for subset in SUGARCREPE_SUBSETS if held_out else two:
         n = 1 if subset == "add_obj" else 2
         entries = {}
         for i, (name, (_, pairs)) in enumerate(zip(names[n], pools[n])):
@@ -564,7 +569,8 @@ def write_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 2
     pretrain_pattern, _, seen = _write_train(root, seed, num_pretrain, samples_per_shard, image_size, progress,
                                              pretrain=True)
     train_pattern, num_shards, seen_ft = _write_train(root, seed, num_train, samples_per_shard, image_size, progress)
-    sugarcrepe_dir = _write_sugarcrepe(root, seed, num_eval_per_subset, image_size, progress, seen | seen_ft)
+    sugarcrepe_dir = write_sugarcrepe(root / "sugarcrepe", seed, num_eval_per_subset, image_size, seen | seen_ft,
+                                      progress=progress)
     zeroshot_dir = _write_zeroshot(root, seed, num_zeroshot_per_class, samples_per_shard, image_size, progress)
     retrieval_dir = _write_retrieval(root, seed, num_retrieval_images, samples_per_shard, image_size, progress)
     aro_dir = _write_aro(root, seed, num_aro_per_subset, image_size, progress)

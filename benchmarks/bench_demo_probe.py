@@ -1,0 +1,172 @@
+"""Where the demo's compositional gain stops: held-out against seen compositions, and which way round.
+
+    clove-dist demo --out /tmp/demo
+    python benchmarks/bench_demo_probe.py --demo-out /tmp/demo        # writes results/demo_probe.{csv,md}
+
+For the base (alpha 0), CLoVe (alpha 0.6) and the fine-tuned model (alpha 1) of a finished demo (its
+patched_alpha*.safetensors), three measurements:
+
+1. SugarCrepe-format accuracy per subset on the world's set (held-out compositions) and on a second set of the
+   same size written here from the same seed, on compositions training shows but in captions it does not
+   (synthetic.write_sugarcrepe(held_out=False), checked against every caption of the demo's shards). Both go
+   through the project's SugarCrepe evaluator. The gap between the two is what the held-out pairs cost.
+2. Which way round: a linear probe on each tower's frozen, normalised features predicts the colour of the left
+   (or upper) object of a two-object scene, from the image or from its caption. Knowing the scene's two colours
+   but not where each is gives 50%; a tower that encodes the arrangement gives up to 100%.
+3. How far apart the text tower puts a caption and its negative: mean cosine of the two text embeddings per
+   subset (1.0: the text tower cannot tell them apart, whatever the image).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import RESULTS_DIR, append_csv, context_header, machine_context, markdown_table  # noqa: E402
+
+MODELS = (("base (alpha 0)", "0"), ("CLoVe (alpha 0.6)", "0.6"), ("fine-tuned (alpha 1)", "1"))
+# Both sets have these (the seen set has no add_obj: see synthetic.write_sugarcrepe); "average" is their mean.
+TWO_OBJECT_SUBSETS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_att")
+
+
+def training_captions(world: Path) -> set[str]:
+    """Every caption (alt-text and clean caption) of the world's pre-training and fine-tuning shards."""
+    captions: set[str] = set()
+    for tar_path in sorted(world.glob("pretrain/*.tar")) + sorted(world.glob("train/*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                f = tar.extractfile(member) if member.isfile() else None
+                if f is None:
+                    continue
+                if member.name.endswith(".txt"):
+                    captions.add(f.read().decode("utf-8"))
+                elif member.name.endswith(".json"):
+                    meta = json.loads(f.read())
+                    captions.update(c for c in [meta.get("top_caption")] if c)
+    return captions
+
+
+def first_colour(scene) -> str:
+    """The colour of the left (horizontal relation) or upper (vertical relation) object."""
+    a, b = scene.objects
+    return (a if scene.relation in ("to the left of", "above") else b).colour
+
+
+def direction_probe(model, preprocess, tokenizer, seed: int, image_size: int, num_train: int,
+                    num_test: int) -> dict[str, float]:
+    """Test accuracy (%) of a linear probe on frozen image and text features for first_colour."""
+    import torch
+    from clove_dist.data import synthetic as S
+    colours = list(S.COLOURS)
+    data = {}
+    for split, count in (("train", num_train), ("test", num_test)):
+        rng = random.Random(f"demo-probe/{seed}/{split}")
+        scenes = [S.sample_scene(rng, 2, exclude_held_out=True) for _ in range(count)]
+        labels = torch.tensor([colours.index(first_colour(s)) for s in scenes])
+        with torch.no_grad():
+            images = torch.stack([preprocess(S.render(s, image_size)) for s in scenes])
+            data[split] = {"image": model.encode_image(images, normalize=True),
+                           "text": model.encode_text(tokenizer([S.caption(s) for s in scenes]), normalize=True),
+                           "labels": labels}
+    out = {}
+    for tower in ("image", "text"):
+        torch.manual_seed(seed)
+        x, y = data["train"][tower], data["train"]["labels"]
+        head = torch.nn.Linear(x.shape[1], len(colours))
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(500):  # full batch; the unit-norm features are scaled so the probe needs no large weights
+            loss = torch.nn.functional.cross_entropy(head(10 * x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            hit = head(10 * data["test"][tower]).argmax(-1) == data["test"]["labels"]
+        out[tower] = 100 * hit.float().mean().item()
+    return out
+
+
+def text_cosines(model, tokenizer, data_dir: Path) -> dict[str, float]:
+    """Mean cosine between the text embeddings of each example's caption and negative caption, per subset."""
+    import torch
+    out = {}
+    for subset in TWO_OBJECT_SUBSETS:
+        rows = list(json.loads((data_dir / f"{subset}.json").read_text()).values())
+        with torch.no_grad():
+            pos = model.encode_text(tokenizer([r["caption"] for r in rows]), normalize=True)
+            neg = model.encode_text(tokenizer([r["negative_caption"] for r in rows]), normalize=True)
+        out[subset] = (pos * neg).sum(-1).mean().item()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--demo-out", required=True, help="a finished `clove-dist demo --out` directory")
+    ap.add_argument("--probe-train", type=int, default=3000, help="scenes the direction probe trains on")
+    ap.add_argument("--probe-test", type=int, default=1000, help="scenes it is tested on")
+    ap.add_argument("--name", default="demo_probe", help="results/<name>.{csv,md}")
+    args = ap.parse_args(argv)
+
+    import open_clip
+    import torch
+    import yaml
+    from clove_dist.data.synthetic import write_sugarcrepe
+    from clove_dist.eval.sugarcrepe import evaluate
+    from clove_dist.model import model_config
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    demo = Path(args.demo_out).resolve()
+    world_args = json.loads((demo / "world" / "world.json").read_text())
+    seed, size, num = world_args["seed"], world_args["image_size"], world_args["num_eval_per_subset"]
+    name = yaml.safe_load((demo / "runs" / "clove" / "config.yaml").read_text())["model"]["name"]
+    model_config(name)  # registers the project's model configs with open_clip
+    tokenizer = open_clip.get_tokenizer(name)
+    ctx = machine_context("cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        seen_dir = Path(write_sugarcrepe(Path(tmp) / "sugarcrepe_seen", seed, num, size,
+                                         training_captions(demo / "world"), held_out=False))
+        sets = {"held-out": demo / "world" / "sugarcrepe", "seen": seen_dir}
+        for label, alpha in MODELS:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=str(demo / f"patched_alpha{alpha}.safetensors"))
+            model.eval()
+            row = {"model": label, "alpha": float(alpha)}
+            for set_name, data_dir in sets.items():
+                result = evaluate(model, preprocess, tokenizer, data_dir, batch_size=128)
+                for subset in TWO_OBJECT_SUBSETS:
+                    row[f"{set_name} {subset}"] = round(100 * result[subset], 1)
+                row[f"{set_name} average"] = round(100 * sum(result[s] for s in TWO_OBJECT_SUBSETS)
+                                                   / len(TWO_OBJECT_SUBSETS), 1)
+            probe = direction_probe(model, preprocess, tokenizer, seed, size, args.probe_train, args.probe_test)
+            row.update({f"direction probe {tower}": round(acc, 1) for tower, acc in probe.items()})
+            for subset, cos in text_cosines(model, tokenizer, sets["held-out"]).items():
+                row[f"text cos {subset}"] = round(cos, 3)
+            rows.append({**ctx, "demo_out": str(demo), "model_name": name, "seed": seed, **row})
+            print(f"{label}: held-out avg {row['held-out average']:.1f}, seen avg {row['seen average']:.1f}, "
+                  f"direction probe image {probe['image']:.1f} text {probe['text']:.1f}", flush=True)
+
+    append_csv(RESULTS_DIR / f"{args.name}.csv", rows)
+    sc = ["model"] + [f"{s} {k}" for s in ("held-out", "seen") for k in (*TWO_OBJECT_SUBSETS, "average")]
+    md = [f"# Where the demo's compositional gain stops ({name}, seed {seed})", "", context_header(ctx), "",
+          f"Command: `python benchmarks/bench_demo_probe.py --demo-out DIR` on a finished `clove-dist demo --seed "
+          f"{seed}`. SugarCrepe-format accuracy in % ({num} examples per subset on each set: the world's held-out "
+          "compositions, and compositions training shows in captions it does not; average: of the six subsets "
+          "both sets have, add_obj left out):", "",
+          markdown_table(rows, sc), "",
+          "Which way round (linear probe on frozen features, colour of the left or upper object, 6 colours; 50% = "
+          f"knows the two colours, not where; {args.probe_train} training and {args.probe_test} test scenes), and "
+          "mean cosine between the text embeddings of a caption and its negative:", "",
+          markdown_table(rows, ["model", "direction probe image", "direction probe text"]
+                         + [f"text cos {s}" for s in TWO_OBJECT_SUBSETS])]
+    (RESULTS_DIR / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {RESULTS_DIR / (args.name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
