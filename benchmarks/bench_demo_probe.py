@@ -90,6 +90,24 @@ def direction_probe(model, preprocess, tokenizer, seed: int, image_size: int, nu
     return out
 
 
+def relation_split(data_dir: Path, scores: dict[str, list[float]]) -> dict[str, float]:
+    """replace_rel accuracy (%) apart for negatives that name the opposite direction ("left of" -> "right of",
+    "above" -> "below": which object is where) and those on the other axis ("left of" -> "above")."""
+    from clove_dist.data.synthetic import RELATIONS
+    opposite = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+                "below": "above"}
+
+    def relation(caption: str) -> str:
+        return next(r for r in RELATIONS if f" {r} " in caption)
+
+    rows = list(json.loads((data_dir / "replace_rel.json").read_text()).values())
+    hits: dict[str, list[bool]] = {"opposite": [], "other axis": []}
+    for row, pos, neg in zip(rows, scores["positive"], scores["negative"]):
+        kind = "opposite" if opposite[relation(row["caption"])] == relation(row["negative_caption"]) else "other axis"
+        hits[kind].append(pos > neg)
+    return {k: 100 * sum(v) / len(v) for k, v in hits.items()}
+
+
 def text_cosines(model, tokenizer, data_dir: Path) -> dict[str, float]:
     """Mean cosine between the text embeddings of each example's caption and negative caption, per subset."""
     import torch
@@ -137,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             row = {"model": label, "alpha": float(alpha)}
             for set_name, data_dir in sets.items():
-                result = evaluate(model, preprocess, tokenizer, data_dir, batch_size=128)
+                result = evaluate(model, preprocess, tokenizer, data_dir, batch_size=128, return_scores=True)
+                for kind, acc in relation_split(Path(data_dir), result["scores"]["replace_rel"]).items():
+                    row[f"{set_name} replace_rel {kind}"] = round(acc, 1)
                 for subset in TWO_OBJECT_SUBSETS:
                     row[f"{set_name} {subset}"] = round(100 * result[subset], 1)
                 row[f"{set_name} average"] = round(100 * sum(result[s] for s in TWO_OBJECT_SUBSETS)
@@ -158,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
           "compositions, and compositions training shows in captions it does not; average: of the six subsets "
           "both sets have, add_obj left out):", "",
           markdown_table(rows, sc), "",
+          "replace_rel apart: negatives naming the opposite direction (left of <-> right of, above <-> below; one "
+          "in three) and those on the other axis:", "",
+          markdown_table(rows, ["model"] + [f"{s} replace_rel {k}" for s in ("held-out", "seen")
+                                            for k in ("opposite", "other axis")]), "",
           "Which way round (linear probe on frozen features, colour of the left or upper object, 6 colours; 50% = "
           f"knows the two colours, not where; {args.probe_train} training and {args.probe_test} test scenes), and "
           "mean cosine between the text embeddings of a caption and its negative:", "",
