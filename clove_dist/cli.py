@@ -10,7 +10,7 @@
     clove-dist sweep --model M --pretrained A --finetuned B --alphas 0:1:0.1 --sugarcrepe DIR --zeroshot DIR --out D
     clove-dist eval --model clove-tiny --pretrained C.safetensors --sugarcrepe DIR --zeroshot DIR \\
         --retrieval DIR --aro DIR [--no-strict] [--out r.json]
-    clove-dist bench loss|negatives|patching|compile|startup [args]   # benchmark scripts of a source checkout
+    clove-dist bench loss|negatives|patching|compile|startup|demo_probe [args]  # benchmarks of a source checkout
 
 Each subcommand is a `main(argv) -> int` of its own module; this file only dispatches.
 """
