@@ -270,6 +270,15 @@ def test_relation_below_count_is_dropped_and_a_version_1_vocabulary_keeps_fixed_
     shard_vocab.write_text(json.dumps(shard_obj))
     assert precompute.main(["--shards", str(tmp_path / "00000.tar")]) == 0
     assert load_vocabulary(path).relations == {"below": 3, "above": 1}
+    # A version 1 shard vocabulary the run does not recount (a shard outside --shards) leaves the sum without
+    # relation counts, never with empty ones, which would switch every relation replacement off.
+    (tmp_path / "00001.negvocab.json").write_text(json.dumps(shard_obj))
+    assert precompute.main(["--shards", str(tmp_path / "00000.tar")]) == 0
+    merged = json.loads(open(path).read())
+    assert "relations" not in merged and load_vocabulary(path).relations is None
+    assert {n.new for n in draws(build(NegativesConfig(style="replace", max_per_caption=3, vocabulary=path)),
+                                 "A red cup below a blue vase.", 80) if n.kind == "replace-relation"} == \
+        {"above", "next to"}
 
 
 def test_require_structure_is_clove_filter():

@@ -61,10 +61,12 @@ def _sorted(counts: Counter) -> dict[str, int]:
 
 
 def _write(path: str, vocab: Vocabulary, num_shards: int) -> None:
+    obj = {"format": FORMAT, "version": VERSION, "num_shards": num_shards, "counts": _sorted(vocab.counts)}
+    if vocab.relations is not None:  # without counts the key stays out: relations then keep their fixed weights
+        obj["relations"] = _sorted(vocab.relations)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "num_shards": num_shards, "counts": _sorted(vocab.counts),
-                   "relations": _sorted(vocab.relations or Counter())}, f)
+        json.dump(obj, f)
     os.replace(tmp, path)
 
 
