@@ -345,6 +345,16 @@ def test_seen_composition_set_is_the_world_set_without_its_held_out_pairs(world,
     assert not set(map(json.dumps, scenes.values())) & set(map(json.dumps, world_scenes.values()))
 
 
+class _EveryCaption(set):
+    def __contains__(self, caption) -> bool:
+        return True
+
+
+def test_seen_composition_set_says_so_when_training_holds_every_caption(tmp_path):
+    with pytest.raises(ValueError, match="hold nearly every caption"):
+        write_sugarcrepe(tmp_path / "seen", 0, 1, 32, _EveryCaption(), held_out=False)
+
+
 # ------------------------------------------------------------------------------------------------------ zeroshot
 
 def test_zeroshot_in_clip_benchmark_layout(world):
