@@ -96,9 +96,7 @@ def direction_probe(model, preprocess, tokenizer, seed: int, image_size: int, nu
 def relation_split(data_dir: Path, scores: dict[str, list[float]]) -> dict[str, float]:
     """replace_rel accuracy (%) apart for negatives that name the opposite direction ("left of" -> "right of",
     "above" -> "below": which object is where) and those on the other axis ("left of" -> "above")."""
-    from clove_dist.data.synthetic import RELATIONS
-    opposite = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-                "below": "above"}
+    from clove_dist.data.synthetic import _INVERSE as opposite, RELATIONS
 
     def relation(caption: str) -> str:
         return next(r for r in RELATIONS if f" {r} " in caption)

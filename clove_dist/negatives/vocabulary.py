@@ -40,9 +40,8 @@ class Vocabulary:
 
 def count_lemmas(parses: Iterable[Parse]) -> Vocabulary:
     """Lemma counts of the entities, attributes, verbs and prepositions of `parses`."""
-    vocab = Vocabulary()
-    counts, relations = vocab.counts, vocab.relations
-    assert relations is not None
+    counts: Counter = Counter()
+    relations: Counter = Counter()
     for parse in parses:
         if parse.status != "ok":
             continue
@@ -53,7 +52,7 @@ def count_lemmas(parses: Iterable[Parse]) -> Vocabulary:
                     counts[alt_lemma] += 1
             elif role == "P":
                 relations[lemma.replace("_", " ").lower()] += 1
-    return vocab
+    return Vocabulary(counts, relations)
 
 
 def _sorted(counts: Counter) -> dict[str, int]:
