@@ -7,6 +7,7 @@
     checkpoint.py  DeepSpeed checkpoints of any stage and world size read one parameter at a time
     commands.py    `clove-dist patch` (offline, or --checkpoint RUN_DIR sharded on a run's ranks), `clove-dist export`
     sweep.py       `clove-dist sweep`: evaluate many alphas, plot compositionality against zero-shot
+    batchnorm.py   BatchNorm statistics of a patched model computed again from images (ResNet CLIPs)
 """
 from .sharded import FINETUNED_NAME, export_sharded
 from .stream import (PatchError, StreamingSafetensorsWriter, TensorSource, check_alpha, check_compatible,

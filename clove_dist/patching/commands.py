@@ -4,6 +4,8 @@
         --out patched.safetensors
     clove-dist patch --pretrained base.safetensors --finetuned runs/base/export/finetuned.safetensors \\
         --alpha 0.2 0.4 0.6 --out patched/              # one patched_alpha<A>.safetensors per alpha
+    clove-dist patch --pretrained rn50.safetensors --finetuned ft.safetensors --alpha 0.6 --out patched.safetensors \
+        --model RN50 --bn-shards '/data/laion-coco/{00000..00003}.tar'   # BatchNorm statistics computed again
     clove-dist export runs/base/checkpoints --out finetuned.safetensors      # the tag in `latest`, any ZeRO stage
     torchrun --nproc_per_node 8 -m clove_dist.cli patch --checkpoint runs/base --alpha 0.6   # on the run's ranks
 
@@ -22,11 +24,13 @@ pretrained=path)`. Every check (alpha, architectures, existing outputs) runs bef
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..errors import entry_point
+from .batchnorm import batchnorm_layers, interpolated_statistics_warning, read_images, recompute_file_statistics
 from .checkpoint import open_clip_shape
 from .stream import (PatchError, check_alpha, check_compatible, check_output, open_weights, patch_files,
                      patched_name, streaming_writer)
@@ -50,9 +54,19 @@ def patch_main(argv: list[str] | None = None) -> int:
                          "with --checkpoint, a directory (default: RUN_DIR/export/<tag>)")
     ap.add_argument("--allow-extrapolation", action="store_true", help="accept alphas outside [0, 1]")
     ap.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    ap.add_argument("--model", default="", help="open_clip architecture of the weights (needed by --bn-shards)")
+    ap.add_argument("--bn-shards", default="",
+                    help="webdataset shards whose images give the patched model's BatchNorm statistics "
+                         "(models with BatchNorm, e.g. ResNet CLIPs; see patching/batchnorm.py)")
+    ap.add_argument("--bn-images", type=int, default=2048, help="images read from --bn-shards (default 2048)")
     args = ap.parse_args(argv)
     alphas = [check_alpha(a, args.allow_extrapolation) for a in args.alpha]
+    if args.bn_shards and not args.model:
+        raise PatchError("patch: --bn-shards needs --model NAME (the architecture whose BatchNorm layers run)")
     if args.checkpoint:
+        if args.bn_shards:
+            raise PatchError("patch --checkpoint: --bn-shards works offline; patch the run's export "
+                             "(RUN_DIR/export/<tag>/finetuned.safetensors) with --pretrained/--finetuned")
         return _patch_run(args, alphas)
     if not (args.pretrained and args.finetuned):
         raise PatchError("patch: give --pretrained A and --finetuned B, or --checkpoint RUN_DIR")
@@ -68,13 +82,34 @@ def patch_main(argv: list[str] | None = None) -> int:
         outs = [Path(args.out) / patched_name(a) for a in alphas]
     for out in outs:
         check_output(out, args.overwrite)
-    check_compatible(open_weights(args.pretrained), open_weights(args.finetuned),
-                     shape_of=lambda src, k: src.shape_dtype(k)[0])
+    pre = open_weights(args.pretrained)
+    check_compatible(pre, open_weights(args.finetuned), shape_of=lambda src, k: src.shape_dtype(k)[0])
+    bn = _batchnorm_inputs(args) if batchnorm_layers(pre) and args.bn_shards else None
+    if not batchnorm_layers(pre) and args.bn_shards:
+        print(f"{args.model} has no BatchNorm layer: --bn-shards is not needed", file=sys.stderr)
+    elif bn is None and any(0 < a < 1 for a in alphas) and (warning := interpolated_statistics_warning(pre)):
+        print(warning, file=sys.stderr)
     for a, out in zip(alphas, outs):
         patch_files(args.pretrained, args.finetuned, a, str(out), allow_extrapolation=args.allow_extrapolation,
                     overwrite=True)
+        if bn is not None and 0 < a < 1:
+            model, pixels = bn
+            recompute_file_statistics(model, str(out), pixels, {
+                "alpha": str(a), "pretrained": Path(args.pretrained).name, "finetuned": Path(args.finetuned).name,
+                "bn_shards": args.bn_shards, "bn_images": str(len(pixels))})
         print(out)
     return 0
+
+
+def _batchnorm_inputs(args):
+    """(model, images) for recomputing BatchNorm statistics: args.model built on CPU, images from args.bn_shards."""
+    from ..config import ModelConfig
+    from ..model import create
+    model, _, preprocess, _ = create(ModelConfig(name=args.model))
+    pixels, skipped = read_images(args.bn_shards, preprocess, args.bn_images)
+    print(f"BatchNorm statistics from {len(pixels)} images of {args.bn_shards}"
+          + (f" ({skipped} skipped)" if skipped else ""), file=sys.stderr)
+    return model, pixels
 
 
 def _patch_run(args, alphas: list[float]) -> int:

@@ -11,6 +11,10 @@ CLoVe's paper picks alpha 0.6 from this curve.
 Each patched model is written into one model in memory, tensor by tensor, from the memory-mapped inputs (no second
 or third copy of the weights); nothing goes to disk unless --save-patched. Inputs are as for `clove-dist patch`:
 weights files, DeepSpeed checkpoint directories, zero_to_fp32 output.
+
+A model with BatchNorm (ResNet CLIPs) needs --bn-shards: each patched model strictly between alpha 0 and 1 then
+has its BatchNorm statistics computed again from the first --bn-images images of those shards (batchnorm.py); the
+two ends are the inputs as they are.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import entry_point
+from .batchnorm import batchnorm_layers, interpolated_statistics_warning, read_images, recompute_batchnorm
 from .stream import (PatchError, check_alpha, check_compatible, interpolate_tensor, open_weights, patched_name,
                      save_state)
 
@@ -123,10 +128,12 @@ def _earlier_alphas(out: Path) -> list[float]:
 def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float], out: Path, *,
           sugarcrepe: str = "", sugarcrepe_images: str = "", zeroshot: str = "", device: str = "cpu",
           batch_size: int = 64, save_patched: bool = False, progress: bool = True,
-          title: str = "") -> list[dict[str, Any]]:
+          title: str = "", bn_shards: str = "", bn_images: int = 2048) -> list[dict[str, Any]]:
     """Evaluate every alpha; writes sweep.csv, sweep.json, eval_alpha<A>.json (after each alpha) and sweep.png
-    (titled `title`, default: the model and the two inputs) into `out`. Replacing an earlier sweep there, its
-    eval_alpha<A>.json and patched_alpha<A>.safetensors of alphas not in this one are removed."""
+    (titled `title`, default: the model and the two inputs) into `out`. With `bn_shards`, every patched model
+    strictly between 0 and 1 has its BatchNorm statistics computed again from `bn_images` of their images.
+    Replacing an earlier sweep there, its eval_alpha<A>.json and patched_alpha<A>.safetensors of alphas not in
+    this one are removed."""
     from ..config import ModelConfig
     from ..dist import pick_device
     from ..eval import evaluate_all
@@ -140,14 +147,27 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
     if expected != set(pre):
         missing = sorted(expected - set(pre)) or sorted(set(pre) - expected)
         raise PatchError(f"the weights are not of {model_name}: {len(missing)} tensors differ (first: {missing[0]})")
+    bn_pixels = None
+    if not batchnorm_layers(expected):
+        if bn_shards:
+            log(f"{model_name} has no BatchNorm layer: --bn-shards is not needed")
+    elif bn_shards:
+        bn_pixels, skipped = read_images(bn_shards, preprocess, bn_images)
+        log(f"BatchNorm statistics of each patched model from {len(bn_pixels)} images of {bn_shards}"
+            + (f" ({skipped} skipped)" if skipped else ""))
+    elif any(0 < a < 1 for a in alphas):
+        log(interpolated_statistics_warning(expected))
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_alphas(out)
     meta = {"model": model_name, "pretrained": str(pretrained), "finetuned": str(finetuned),
-            "sugarcrepe": sugarcrepe, "zeroshot": zeroshot}
+            "sugarcrepe": sugarcrepe, "zeroshot": zeroshot,
+            "bn_images": len(bn_pixels) if bn_pixels is not None else 0, "bn_shards": bn_shards}
     rows = []
     for alpha in alphas:
         t = time.perf_counter()
         load_patched(model, pre, fine, alpha)
+        if bn_pixels is not None and 0 < alpha < 1:
+            recompute_batchnorm(model, bn_pixels.to(dev), batch_size)
         if save_patched:
             save_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / patched_name(alpha))
         res = evaluate_all(model, preprocess, tokenizer, sugarcrepe_dir=sugarcrepe,
@@ -184,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-patched", action="store_true", help="also write patched_alpha<A>.safetensors")
     ap.add_argument("--allow-extrapolation", action="store_true", help="accept alphas outside [0, 1]")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier sweep in --out")
+    ap.add_argument("--bn-shards", default="",
+                    help="webdataset shards whose images give each patched model's BatchNorm statistics "
+                         "(models with BatchNorm, e.g. ResNet CLIPs)")
+    ap.add_argument("--bn-images", type=int, default=2048, help="images read from --bn-shards (default 2048)")
     args = ap.parse_args(argv)
     if not (args.sugarcrepe and args.zeroshot):
         raise PatchError("sweep: give both --sugarcrepe DIR and --zeroshot DIR (the plot needs both axes)")
@@ -197,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep(args.model, args.pretrained, args.finetuned, alphas, out, sugarcrepe=args.sugarcrepe,
               sugarcrepe_images=args.sugarcrepe_images, zeroshot=args.zeroshot, device=args.device,
-              batch_size=args.batch_size, save_patched=args.save_patched)
+              batch_size=args.batch_size, save_patched=args.save_patched, bn_shards=args.bn_shards,
+              bn_images=args.bn_images)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, PatchError):
             raise
