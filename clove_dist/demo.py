@@ -14,10 +14,12 @@
 3. negatives  `clove-dist negatives` on the fine-tuning shards: captions parsed once, parses and the corpus
               vocabulary written next to the shards (REPLACE then only picks words the captions use)
 4. clove      fine-tuning from the base weights on the synthetic captions with hard negatives, REPLACE and
-              NegCLIP-style swaps (the same trainer as `clove-dist train`)
+              NegCLIP-style swaps (the same trainer as `clove-dist train`), one pass over the fine-tuning images
+              by default (--num-train = --clove-steps x --batch-size)
 5. sweep      `clove-dist sweep`: w = (1 - alpha) * base + alpha * fine-tuned for alpha 0, 0.2, ..., 1, each
               evaluated on the SugarCrepe-format set and zero-shot classification; sweep.png plots one against
-              the other, the curve alpha is picked from
+              the other, the curve alpha is picked from. clove-tiny-rn has BatchNorm: each patched model's
+              statistics are computed again from 2,048 fine-tuning images (patching/batchnorm.py)
 
 The training settings are configs/demo.yaml (shipped with the package; --config for another); the flags below set
 the sizes. Writes results.md (the table: base, CLoVe at alpha 0.6, fine-tuned), results.json (one row per model:
@@ -55,7 +57,8 @@ def _sweep(model: str, base_weights: str, tuned: str, alphas: list[float], out: 
     """`clove-dist sweep` of base -> tuned on the world's sets into `out`; its rows by alpha (fractions)."""
     from .patching.sweep import sweep
     rows = sweep(model, base_weights, tuned, alphas, out, sugarcrepe=world.sugarcrepe_dir,
-                 zeroshot=world.zeroshot_dir, batch_size=128, save_patched=save_patched, progress=False, title=title)
+                 zeroshot=world.zeroshot_dir, batch_size=128, save_patched=save_patched, progress=False, title=title,
+                 bn_shards=world.train_pattern)
     return {r["alpha"]: r for r in rows}
 
 
@@ -144,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="demo-out", help="output directory (default: ./demo-out)")
     ap.add_argument("--config", default="", help="training settings (default: the packaged configs/demo.yaml)")
     ap.add_argument("--num-pretrain", type=int, default=10000, help="pre-training (alt-text) images")
-    ap.add_argument("--num-train", type=int, default=6000, help="fine-tuning (synthetic caption) images")
+    ap.add_argument("--num-train", type=int, default=0,
+                    help="fine-tuning (synthetic caption) images (default: clove-steps x batch-size, one pass)")
     ap.add_argument("--num-eval", type=int, default=500, help="SugarCrepe-format examples per subset")
     ap.add_argument("--num-zeroshot-per-class", type=int, default=10, help="zero-shot images per class")
     ap.add_argument("--base-steps", type=int, default=400, help="steps of base (pre-)training, no negatives")
-    ap.add_argument("--clove-steps", type=int, default=300, help="steps of CLoVe fine-tuning with negatives")
+    ap.add_argument("--clove-steps", type=int, default=600, help="steps of CLoVe fine-tuning with negatives")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of both trainings")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training")
     ap.add_argument("--seed", type=int, default=0)
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also fine-tune without hard negatives, on alt-text, with REPLACE only and with swaps "
                          "only; writes ablations.md")
     args = ap.parse_args(argv)
+    args.num_train = args.num_train or args.clove_steps * args.batch_size
     from .patching.sweep import parse_alphas
     alphas = sorted(set(parse_alphas(args.sweep_alphas)) | set(ALPHAS))  # a bad alpha fails now, not after training
 
