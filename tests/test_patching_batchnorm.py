@@ -163,3 +163,17 @@ def test_misuse_gets_one_line(rn_weights, world, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "y.safetensors").exists()  # refused before anything is written
+
+
+def test_in_run_export_of_a_batchnorm_model_says_how_to_recompute(rn_weights, tmp_path, capsys):
+    """The export at the end of training interpolates every tensor; for a BatchNorm model it says so, once."""
+    from clove_dist.model import make_deepspeed_safe
+    from clove_dist.patching import export_sharded
+    clip = open_clip.create_model("clove-tiny-rn")
+    shapes = make_deepspeed_safe(clip)
+    export_sharded(clip, shapes, "clove-tiny-rn", str(rn_weights / "a.safetensors"), [0.0, 1.0], tmp_path / "ends",
+                   seed=0)
+    assert "BatchNorm" not in capsys.readouterr().err  # the two ends are exact
+    export_sharded(clip, shapes, "clove-tiny-rn", str(rn_weights / "a.safetensors"), [0.6], tmp_path / "mid", seed=0)
+    err = capsys.readouterr().err
+    assert "WARNING: the model has" in err and "clove-dist patch --model ... --bn-shards" in err

@@ -38,7 +38,7 @@ def interpolated_statistics_warning(state_keys, option: str = "--bn-shards") -> 
     layers = batchnorm_layers(state_keys)
     if not layers:
         return None
-    return (f"WARNING: the model has {len(layers)} BatchNorm layers: between alpha 0 and 1 their interpolated running "
+    return (f"the model has {len(layers)} BatchNorm layers: between alpha 0 and 1 their interpolated running "
             f"statistics do not describe the interpolated weights; pass {option} to compute them again from images")
 
 

@@ -88,7 +88,7 @@ def patch_main(argv: list[str] | None = None) -> int:
     if not batchnorm_layers(pre) and args.bn_shards:
         print(f"{args.model} has no BatchNorm layer: --bn-shards is not needed", file=sys.stderr)
     elif bn is None and any(0 < a < 1 for a in alphas) and (warning := interpolated_statistics_warning(pre)):
-        print(warning, file=sys.stderr)
+        print(f"WARNING: {warning}", file=sys.stderr)
     for a, out in zip(alphas, outs):
         patch_files(args.pretrained, args.finetuned, a, str(out), allow_extrapolation=args.allow_extrapolation,
                     overwrite=True)

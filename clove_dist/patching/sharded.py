@@ -312,6 +312,13 @@ def export_sharded(clip: nn.Module, original_shapes: dict[str, torch.Size], mode
     if alphas:
         base, temporary, everywhere = _prepare_pretrained(pretrained, model_name, seed, out_dir, model_cfg)
     shared = shared and everywhere  # a weights file only rank 0 sees: stream through rank 0
+    if rank == 0 and any(0 < a < 1 for a in alphas):
+        from ..log import warn_once
+        from .batchnorm import interpolated_statistics_warning
+        warning = interpolated_statistics_warning([name for name, *_ in specs],
+                                                  "clove-dist patch --model ... --bn-shards ... on the export")
+        if warning:
+            warn_once(warning)
     outputs: list[tuple[Path, float | None, dict[str, str]]] = [(out_dir / FINETUNED_NAME, None, {"model": model_name})]
     outputs += [(out_dir / patched_name(a), a, {"model": model_name, "alpha": str(a)}) for a in alphas]
     try:

@@ -156,7 +156,7 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
         log(f"BatchNorm statistics of each patched model from {len(bn_pixels)} images of {bn_shards}"
             + (f" ({skipped} skipped)" if skipped else ""))
     elif any(0 < a < 1 for a in alphas):
-        log(interpolated_statistics_warning(expected))
+        log(f"WARNING: {interpolated_statistics_warning(expected)}")
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_alphas(out)
     meta = {"model": model_name, "pretrained": str(pretrained), "finetuned": str(finetuned),
