@@ -31,6 +31,8 @@ def test_small_demo(tmp_path, capsys):
     png = (out / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (700).to_bytes(4, "big") + (500).to_bytes(4, "big")
     assert str(out / "sweep.png") in captured.out
+    # clove-tiny-rn has BatchNorm: the patched models' statistics come from the fine-tuning images (all 256 here)
+    assert json.loads((out / "sweep.json").read_text())["bn_images"] == 256
     rows = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["alpha"]) for r in rows] == [("base (alpha 0)", 0.0), ("CLoVe (alpha 0.6)", 0.6),
                                                         ("fine-tuned (alpha 1)", 1.0)]
@@ -67,13 +69,16 @@ def test_demo_draws_its_world_for_the_configured_model(tmp_path, capsys):
     config = tmp_path / "micro.yaml"
     config.write_text(packaged_config("demo").read_text().replace("name: clove-tiny-rn", "name: clove-micro", 1))
     out = tmp_path / "demo"
-    rc = cli_main(["demo", "--out", str(out), "--config", str(config), "--num-train", "64", "--num-pretrain", "64",
-                   "--num-eval", "4", "--num-zeroshot-per-class", "1", "--base-steps", "2", "--clove-steps", "2",
+    rc = cli_main(["demo", "--out", str(out), "--config", str(config), "--num-pretrain", "64", "--num-eval", "4",
+                   "--num-zeroshot-per-class", "1", "--base-steps", "2", "--clove-steps", "2",
                    "--batch-size", "8", "--workers", "0", "--sweep-alphas", "0.6"])
     assert rc == 0, capsys.readouterr().err[-3000:]
-    assert json.loads((out / "world" / "world.json").read_text())["image_size"] == 32  # default demo: 64
+    world = json.loads((out / "world" / "world.json").read_text())
+    assert world["image_size"] == 32  # default demo: 64
+    assert world["num_train"] == 2 * 8  # by default one pass: --clove-steps x --batch-size
     assert "name: clove-micro" in (out / "runs" / "clove" / "config.yaml").read_text()
-    assert json.loads((out / "sweep.json").read_text())["model"] == "clove-micro"
+    swept = json.loads((out / "sweep.json").read_text())
+    assert swept["model"] == "clove-micro" and swept["bn_images"] == 0  # a ViT: no BatchNorm to recompute
 
 
 def test_seeds_table_mean_and_spread():
