@@ -11,7 +11,8 @@ nothing here applies to them.
     clove-dist patch ... --model RN50 --bn-shards '/data/laion-coco/{00000..00003}.tar'
 
 The images are the first `--bn-images` of the shards in order, through the model's evaluation transform: the same
-shards give the same statistics in both commands.
+shards give the same statistics in both commands. They are held in memory as floats (2,048 images at 224 px: 1.2
+GB) and go to the model's device a batch at a time.
 """
 from __future__ import annotations
 

@@ -167,7 +167,7 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
         t = time.perf_counter()
         load_patched(model, pre, fine, alpha)
         if bn_pixels is not None and 0 < alpha < 1:
-            recompute_batchnorm(model, bn_pixels.to(dev), batch_size)
+            recompute_batchnorm(model, bn_pixels, batch_size)  # moved to the device a batch at a time
         if save_patched:
             save_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / patched_name(alpha))
         res = evaluate_all(model, preprocess, tokenizer, sugarcrepe_dir=sugarcrepe,
