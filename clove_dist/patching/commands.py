@@ -4,8 +4,8 @@
         --out patched.safetensors
     clove-dist patch --pretrained base.safetensors --finetuned runs/base/export/finetuned.safetensors \\
         --alpha 0.2 0.4 0.6 --out patched/              # one patched_alpha<A>.safetensors per alpha
-    clove-dist patch --pretrained rn50.safetensors --finetuned ft.safetensors --alpha 0.6 --out patched.safetensors \
-        --model RN50 --bn-shards '/data/laion-coco/{00000..00003}.tar'   # BatchNorm statistics computed again
+    clove-dist patch --pretrained rn50.safetensors --finetuned ft.safetensors --alpha 0.6 \\
+        --out patched.safetensors --model RN50 --bn-shards '/data/laion-coco/{00000..00003}.tar'   # BatchNorm
     clove-dist export runs/base/checkpoints --out finetuned.safetensors      # the tag in `latest`, any ZeRO stage
     torchrun --nproc_per_node 8 -m clove_dist.cli patch --checkpoint runs/base --alpha 0.6   # on the run's ranks
 
