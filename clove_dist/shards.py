@@ -1,8 +1,9 @@
-"""Shard patterns and the caption field of img2dataset-style tar shards, shared by the data pipeline and the
-`clove-dist negatives` command (which must not import the pipeline).
+"""Shard patterns, and the caption field and image part of img2dataset-style tar shards, shared by the data
+pipeline, the `clove-dist negatives` command (which must not import the pipeline) and patching.
 
     expand_shards("/data/{00000..00099}.tar::/more/*.tar", option="data.train_shards")
     caption_of({"json": b'{"top_caption": "a cat"}', "txt": b"alt"}, "json.top_caption")   # "a cat"
+    image_of({"jpg": b"...", "txt": b"alt"})                                                 # b"..."
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from typing import Any
 import braceexpand
 
 from .errors import UserError
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image parts of img2dataset / webdataset samples
 
 
 class ShardError(UserError):
@@ -59,3 +63,8 @@ def caption_of(sample: dict[str, Any], key: str) -> str:
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
     return raw.strip() if isinstance(raw, str) else ""
+
+
+def image_of(sample: dict[str, Any]) -> bytes | None:
+    """The encoded image of a sample (its first part named by IMAGE_EXTS), None when it has none."""
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)

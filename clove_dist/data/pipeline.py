@@ -29,9 +29,7 @@ from PIL import Image
 
 from ..config import DataConfig, NegativesConfig
 from ..log import log
-from ..shards import ShardError, caption_of, expand_shards
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from ..shards import ShardError, caption_of, expand_shards, image_of
 MAX_WARNINGS = 5  # per worker; every skip is counted either way
 # The shuffle buffer interleaves samples of several shards: keep the sidecars of the most recent ones loaded.
 SIDECARS_KEPT = 16
@@ -126,7 +124,7 @@ class SampleBuilder:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = sample.get("__key__", "?")
         url = sample.get("__url__", "")
-        image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        image_bytes = image_of(sample)
         if image_bytes is None:
             self.skips.skip("no_image", f"{url}:{key}")
             return None

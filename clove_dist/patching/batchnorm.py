@@ -25,7 +25,6 @@ from PIL import Image
 from .stream import PatchError
 
 RUNNING_STAT_SUFFIX = ".running_mean"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image parts of img2dataset / webdataset samples
 
 
 def batchnorm_layers(state_keys) -> list[str]:
@@ -43,12 +42,35 @@ def interpolated_statistics_warning(state_keys, option: str = "--bn-shards") -> 
             f"statistics do not describe the interpolated weights; pass {option} to compute them again from images")
 
 
+def wants_statistics(state_keys, bn_shards: str, alphas, model_name: str, say: Callable[[str], None]) -> bool:
+    """Whether a patch at `alphas` computes BatchNorm statistics again from `bn_shards`. When it does not, `say`
+    gets why where it matters: a model without BatchNorm given shards, or a BatchNorm model patched strictly
+    between 0 and 1 without them."""
+    if not batchnorm_layers(state_keys):
+        if bn_shards:
+            say(f"{model_name} has no BatchNorm layer: --bn-shards is not needed")
+        return False
+    if not bn_shards:
+        if any(0 < a < 1 for a in alphas):
+            say(f"WARNING: {interpolated_statistics_warning(state_keys)}")
+        return False
+    return True
+
+
+def statistics_images(pattern: str, preprocess: Callable, num_images: int, say: Callable[[str], None]) -> torch.Tensor:
+    """read_images, and one line through `say` of how many images the statistics come from."""
+    images, skipped = read_images(pattern, preprocess, num_images)
+    say(f"BatchNorm statistics of each patched model from {len(images)} images of {pattern}"
+        + (f" ({skipped} skipped)" if skipped else ""))
+    return images
+
+
 def read_images(pattern: str, preprocess: Callable, num_images: int) -> tuple[torch.Tensor, int]:
     """The first `num_images` decodable images of the shards in order, preprocessed and stacked, and the number of
     samples skipped (no image part, or one that does not decode). PatchError when none is read."""
     import webdataset as wds
 
-    from ..shards import expand_shards
+    from ..shards import expand_shards, image_of
     if num_images < 1:
         raise PatchError(f"--bn-images must be > 0, got {num_images}")
     urls = expand_shards(pattern, option="--bn-shards")
@@ -59,11 +81,10 @@ def read_images(pattern: str, preprocess: Callable, num_images: int) -> tuple[to
         return True
     images, skipped = [], 0
     for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=on_error)):
-        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(image_of(sample))) as img:
                 images.append(preprocess(img.convert("RGB")))
-        except Exception:  # no image part (data None), or one that does not decode: a counted skip
+        except Exception:  # no image part (image_of gives None), or one that does not decode: a counted skip
             skipped += 1
             continue
         if len(images) == num_images:

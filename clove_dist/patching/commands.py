@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import entry_point
-from .batchnorm import batchnorm_layers, interpolated_statistics_warning, read_images, recompute_file_statistics
+from .batchnorm import recompute_file_statistics, statistics_images, wants_statistics
 from .checkpoint import open_clip_shape
 from .stream import (PatchError, check_alpha, check_compatible, check_output, open_weights, patch_files,
                      patched_name, streaming_writer)
@@ -84,11 +84,7 @@ def patch_main(argv: list[str] | None = None) -> int:
         check_output(out, args.overwrite)
     pre = open_weights(args.pretrained)
     check_compatible(pre, open_weights(args.finetuned), shape_of=lambda src, k: src.shape_dtype(k)[0])
-    bn = _batchnorm_inputs(args) if batchnorm_layers(pre) and args.bn_shards else None
-    if not batchnorm_layers(pre) and args.bn_shards:
-        print(f"{args.model} has no BatchNorm layer: --bn-shards is not needed", file=sys.stderr)
-    elif bn is None and any(0 < a < 1 for a in alphas) and (warning := interpolated_statistics_warning(pre)):
-        print(f"WARNING: {warning}", file=sys.stderr)
+    bn = _batchnorm_inputs(args) if wants_statistics(pre, args.bn_shards, alphas, args.model, _say) else None
     for a, out in zip(alphas, outs):
         patch_files(args.pretrained, args.finetuned, a, str(out), allow_extrapolation=args.allow_extrapolation,
                     overwrite=True)
@@ -101,15 +97,16 @@ def patch_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def _batchnorm_inputs(args):
     """(model, images) for recomputing BatchNorm statistics: args.model built on CPU, images from args.bn_shards."""
     from ..config import ModelConfig
     from ..model import create
     model, _, preprocess, _ = create(ModelConfig(name=args.model))
-    pixels, skipped = read_images(args.bn_shards, preprocess, args.bn_images)
-    print(f"BatchNorm statistics from {len(pixels)} images of {args.bn_shards}"
-          + (f" ({skipped} skipped)" if skipped else ""), file=sys.stderr)
-    return model, pixels
+    return model, statistics_images(args.bn_shards, preprocess, args.bn_images, _say)
 
 
 def _patch_run(args, alphas: list[float]) -> int:

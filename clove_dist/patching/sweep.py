@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import entry_point
-from .batchnorm import batchnorm_layers, interpolated_statistics_warning, read_images, recompute_batchnorm
+from .batchnorm import recompute_batchnorm, statistics_images, wants_statistics
 from .stream import (PatchError, check_alpha, check_compatible, interpolate_tensor, open_weights, patched_name,
                      save_state)
 
@@ -147,16 +147,8 @@ def sweep(model_name: str, pretrained: str, finetuned: str, alphas: list[float],
     if expected != set(pre):
         missing = sorted(expected - set(pre)) or sorted(set(pre) - expected)
         raise PatchError(f"the weights are not of {model_name}: {len(missing)} tensors differ (first: {missing[0]})")
-    bn_pixels = None
-    if not batchnorm_layers(expected):
-        if bn_shards:
-            log(f"{model_name} has no BatchNorm layer: --bn-shards is not needed")
-    elif bn_shards:
-        bn_pixels, skipped = read_images(bn_shards, preprocess, bn_images)
-        log(f"BatchNorm statistics of each patched model from {len(bn_pixels)} images of {bn_shards}"
-            + (f" ({skipped} skipped)" if skipped else ""))
-    elif any(0 < a < 1 for a in alphas):
-        log(f"WARNING: {interpolated_statistics_warning(expected)}")
+    bn_pixels = (statistics_images(bn_shards, preprocess, bn_images, log)
+                 if wants_statistics(expected, bn_shards, alphas, model_name, log) else None)
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_alphas(out)
     meta = {"model": model_name, "pretrained": str(pretrained), "finetuned": str(finetuned),
