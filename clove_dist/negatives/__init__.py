@@ -28,14 +28,16 @@ this generator's 86% on the judged set (benchmarks/data/README.md; one reader, m
   coordination or two adjectives of one noun; quantifiers ("several") are no adjectives;
 - no edit past the text encoder's window (`negatives.context_length`, open_clip's tokenizer);
 - with a corpus vocabulary (`clove-dist negatives` writes it), candidates the data uses at least
-  `negatives.min_corpus_count` times, weighted by their count: entities, attributes, verbs and relations alike.
+  `negatives.min_corpus_count` times, weighted by their count: entities, attributes, verbs and relations alike;
+  and no attribute-noun pair the captions use fewer times (pairs.py: "never seen = false" is a text-only prior).
 `negatives.require_structure: true` reproduces CLoVe's filter (two entities and a relation or modifier). Default
 false: on the judged captions it changes nothing, and on short alt-text ("white cat" -> "black cat", "a cute dog")
 it drops valid negatives; measured 97.85% -> 97.5% of the benchmark's synthetic captions with a negative.
 
 Modules: parse.py (caption -> scene graph), lexicon.py (WordNet), replace.py, swap.py, inflect.py (surface
 forms, the text window), caption_words.py (tables for frequent caption words), sidecar.py (cache files),
-vocabulary.py (corpus lemma counts), precompute.py (the `clove-dist negatives` command).
+vocabulary.py (corpus lemma counts), pairs.py (attribute-noun pairs), precompute.py (the `clove-dist negatives`
+command).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from typing import Any, Sequence
 from ..config import ConfigError, NegativesConfig
 from . import replace, swap
 from .lexicon import Lexicon, WordNetMissing
+from .pairs import PairFilter
 from .parse import FLAG_CLEANED, FLAG_TRUNCATED, Parse, SceneParser, SpacyModelMissing
 from .sidecar import load_sidecar, sidecar_path
 from .inflect import window_end
@@ -105,6 +108,7 @@ class NegativeGenerator:
                                cfg.min_corpus_count)
         self.prepositions = replace.preposition_tables(vocabulary.relations if vocabulary else None,
                                                        cfg.min_corpus_count)
+        self.pairs = PairFilter(vocabulary.pairs if vocabulary else None, cfg.min_corpus_count)
         self.parser = SceneParser(cfg.spacy_model, cfg.max_caption_chars)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
@@ -177,9 +181,10 @@ class NegativeGenerator:
             stats["num_unstructured"] += 1
             return []
         style = self.cfg.style
-        replace_opts = replace.options(parse, self.lexicon, caption, self.prepositions) \
-            if style in ("replace", "both") else []
-        swap_pairs = swap.swap_pairs(caption, parse, self.lexicon) if style in ("swap", "both") else []
+        replace_opts = self.pairs.replace_options(replace.options(parse, self.lexicon, caption, self.prepositions),
+                                                  parse) if style in ("replace", "both") else []
+        swap_pairs = self.pairs.swap_pairs(swap.swap_pairs(caption, parse, self.lexicon), parse) \
+            if style in ("swap", "both") else []
         limit = window_end(caption, self.cfg.context_length)
         if limit < len(caption):  # an edit the text encoder never sees would be a negative equal to its caption
             replace_opts = [o for o in replace_opts if o[1] <= limit]

@@ -225,6 +225,12 @@ def make_table(weights: dict[str, int]) -> Table | None:
     return Table(tuple(w.replace("_", " ") for w in words), tuple(cum), acc, min(PER_ELEMENT, len(words)))
 
 
+def keep_words(table: Table, keep: Any) -> Table | None:
+    """The candidates of `table` for which keep(word) holds, with their weights; None when none is left."""
+    return make_table({w.replace(" ", "_"): c - p for w, c, p in zip(table.words, table.cum, (0,) + table.cum)
+                       if keep(w)})
+
+
 class Lexicon:
     """Cached candidate tables; loads WordNet on first use, so it pickles cheaply into worker processes.
 

@@ -35,8 +35,7 @@ from ..log import log
 from ..shards import caption_of, expand_shards
 from .parse import SceneParser
 from .sidecar import SidecarWriter, header, load_sidecar, sidecar_path
-from .vocabulary import (count_lemmas, has_relation_counts, merge_directory, shard_vocab_path,
-                         write_shard_vocabulary)
+from .vocabulary import count_lemmas, is_current, merge_directory, shard_vocab_path, write_shard_vocabulary
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split of a member name into key and extension
 _PARSERS: dict[tuple[str, int, int], SceneParser] = {}
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         done = None if args.force else load_sidecar(out_path)
         if done is not None:
             totals["num_shards_skipped"] += 1
-            if not has_relation_counts(shard_vocab_path(out_path)):  # written before relations were counted
+            if not is_current(shard_vocab_path(out_path)):  # an older version's counts: count again
                 write_shard_vocabulary(out_path, count_lemmas(done.values()))
                 totals["num_vocabularies_recounted"] += 1
         else:

@@ -27,7 +27,7 @@ from .caption_words import (AGE_WORDS, ANIMAL_COLOURS, ANIMAL_GROUPS, COLOURS, C
                             KID_NOUNS, NO_POSTURE_CHANGE, NO_SITTING, NON_SPATIAL_ON, PERSON_TRAITS, POSTURE_VERBS,
                             UNDER_GROUPS, person_gender)
 from .inflect import fix_article, inflect, match_case
-from .lexicon import Table, make_table
+from .lexicon import Table, keep_words, make_table
 from .parse import Parse
 
 ROLE_KIND = {"E": "replace-entity", "A": "replace-attribute", "N": "replace-attribute",
@@ -176,8 +176,7 @@ def _verb_table(lemma: str, frame: str, lexicon: Any, after: str = "") -> Table 
         return None
     if not drop:
         return table
-    return make_table({w.replace(" ", "_"): c - p for w, c, p in zip(table.words, table.cum, (0,) + table.cum)
-                       if w not in drop})
+    return keep_words(table, lambda w: w not in drop)
 
 
 def _attribute_table(lemma: str, noun: str, lexicon: Any) -> Table | None:
@@ -192,9 +191,7 @@ def _attribute_table(lemma: str, noun: str, lexicon: Any) -> Table | None:
     if lexicon.noun_group(noun) in ANIMAL_GROUPS:
         if lemma not in ANIMAL_COLOURS and lemma in COLOURS:
             return None
-        keep = {w for w in table.words if w not in COLOURS or w in ANIMAL_COLOURS}
-        return make_table({w.replace(" ", "_"): c - p for w, c, p in zip(table.words, table.cum, (0,) + table.cum)
-                           if w in keep})
+        return keep_words(table, lambda w: w not in COLOURS or w in ANIMAL_COLOURS)
     return table
 
 

@@ -9,8 +9,10 @@ REPLACE candidates then come from words the data uses: a replacement must occur 
 the text encoder nothing the images can confirm). Lemmas are counted per element of the parse: entity heads (a
 compound whole, "fire hydrant", and its root noun), attributes, verbs; words joined by spaces, lowercase. The
 prepositions of relations ("on", "to the left of") are counted apart, under "relations", so that "behind" the
-preposition never counts as the noun. A version 1 file (no relation counts) still loads; relations then keep
-their fixed weights.
+preposition never counts as the noun, and so are attribute-noun pairs ("red|car"), under "pairs" (pairs.py: a
+negative gives a noun no attribute the captions never give it). A file without relation counts (version 1)
+still loads, relations then keep their fixed weights; one without pair counts (versions 1 and 2) puts no limit
+on pairs.
 """
 from __future__ import annotations
 
@@ -25,23 +27,30 @@ from ..errors import UserError
 from .parse import Parse
 
 FORMAT = "clove-dist-vocab"
-VERSION = 2  # 2 added relation counts
+VERSION = 3  # 2 added relation counts, 3 attribute-noun pair counts
 VOCAB_NAME = "negatives.vocab.json"
 SHARD_SUFFIX = ".negvocab.json"
 
 
 @dataclass
 class Vocabulary:
-    """Lemma counts of the entities, attributes and verbs (`counts`) and of the relations' prepositions
-    (`relations`; None when the file predates them) of a corpus."""
+    """Lemma counts of the entities, attributes and verbs (`counts`), of the relations' prepositions
+    (`relations`) and of attribute-noun pairs ("red|car", `pairs`) of a corpus; None where the file predates them."""
     counts: Counter = field(default_factory=Counter)
     relations: Counter | None = field(default_factory=Counter)
+    pairs: Counter | None = field(default_factory=Counter)
+
+
+def pair_key(attribute: str, noun: str) -> str:
+    """The `pairs` key of an attribute lemma and the lemma of the noun it describes."""
+    return f"{attribute.replace('_', ' ').lower()}|{noun.replace('_', ' ').lower()}"
 
 
 def count_lemmas(parses: Iterable[Parse]) -> Vocabulary:
-    """Lemma counts of the entities, attributes, verbs and prepositions of `parses`."""
+    """Lemma counts of the entities, attributes, verbs and prepositions, and attribute-noun pairs, of `parses`."""
     counts: Counter = Counter()
     relations: Counter = Counter()
+    pairs: Counter = Counter()
     for parse in parses:
         if parse.status != "ok":
             continue
@@ -50,9 +59,11 @@ def count_lemmas(parses: Iterable[Parse]) -> Vocabulary:
                 counts[lemma.replace("_", " ")] += 1
                 if role == "E" and alt_start >= 0:
                     counts[alt_lemma] += 1
+                elif role == "A" and alt_lemma:
+                    pairs[pair_key(lemma, alt_lemma)] += 1
             elif role == "P":
                 relations[lemma.replace("_", " ").lower()] += 1
-    return Vocabulary(counts, relations)
+    return Vocabulary(counts, relations, pairs)
 
 
 def _sorted(counts: Counter) -> dict[str, int]:
@@ -63,6 +74,8 @@ def _write(path: str, vocab: Vocabulary, num_shards: int) -> None:
     obj = {"format": FORMAT, "version": VERSION, "num_shards": num_shards, "counts": _sorted(vocab.counts)}
     if vocab.relations is not None:  # without counts the key stays out: relations then keep their fixed weights
         obj["relations"] = _sorted(vocab.relations)
+    if vocab.pairs is not None:
+        obj["pairs"] = _sorted(vocab.pairs)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f)
@@ -80,27 +93,30 @@ def write_shard_vocabulary(sidecar: str, vocab: Vocabulary) -> None:
 
 def merge_directory(directory: str) -> str:
     """Sum every per-shard vocabulary of `directory` into negatives.vocab.json there; returns its path. Relation
-    counts are summed when every shard has them (a version 1 shard among them leaves the sum without)."""
+    and pair counts are each summed when every shard has them (an older shard among them leaves the sum without)."""
     total = Vocabulary()
     shards = sorted(glob.glob(os.path.join(directory or ".", "*" + SHARD_SUFFIX)))
     for path in shards:
         vocab = load_vocabulary(path)
         total.counts.update(vocab.counts)
-        if total.relations is not None and vocab.relations is not None:
-            total.relations.update(vocab.relations)
-        else:
-            total.relations = None
+        for name in ("relations", "pairs"):
+            part, into = getattr(vocab, name), getattr(total, name)
+            if into is not None and part is not None:
+                into.update(part)
+            else:
+                setattr(total, name, None)
     out = os.path.join(directory or ".", VOCAB_NAME)
     _write(out, total, len(shards))
     return out
 
 
-def has_relation_counts(path: str) -> bool:
-    """Whether `path` is a readable vocabulary with relation counts (False when missing or version 1)."""
+def is_current(path: str) -> bool:
+    """Whether `path` is a readable vocabulary with everything this version counts (False when missing or older)."""
     try:
-        return load_vocabulary(path).relations is not None
+        vocab = load_vocabulary(path)
     except UserError:
         return False
+    return vocab.relations is not None and vocab.pairs is not None
 
 
 def load_vocabulary(path: str) -> Vocabulary:
@@ -111,11 +127,12 @@ def load_vocabulary(path: str) -> Vocabulary:
     except (OSError, ValueError) as e:
         raise UserError(f"negatives.vocabulary: cannot read {path} ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("counts"), dict) or \
-            not isinstance(obj.get("relations", {}), dict):
+            not isinstance(obj.get("relations", {}), dict) or not isinstance(obj.get("pairs", {}), dict):
         raise UserError(f"negatives.vocabulary: {path} is not a clove-dist vocabulary file")
-    relations = obj.get("relations")
-    return Vocabulary(Counter({str(k): int(v) for k, v in obj["counts"].items()}),
-                      None if relations is None else Counter({str(k): int(v) for k, v in relations.items()}))
+    def counter(name: str) -> Counter | None:
+        part = obj.get(name)
+        return None if part is None else Counter({str(k): int(v) for k, v in part.items()})
+    return Vocabulary(counter("counts"), counter("relations"), counter("pairs"))  # type: ignore[arg-type]
 
 
 def default_vocabulary_path(sidecar_dir: str) -> str:
