@@ -15,6 +15,10 @@ patched_alpha*.safetensors), three measurements:
    but not where each is gives 50%; a tower that encodes the arrangement gives up to 100%.
 3. How far apart the text tower puts a caption and its negative: mean cosine of the two text embeddings per
    subset (1.0: the text tower cannot tell them apart, whatever the image).
+4. Whether the base towers can learn which way round at all: each tower of the base, all its weights and a linear
+   head, trained on the probe's label for --learn-steps steps (AdamW, lr 1e-3, batch 64, the demo's own rate),
+   then tested on the probe's test scenes. High accuracy here and chance in (2) after fine-tuning says the
+   capacity is there and the contrastive signal does not reach it.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import RESULTS_DIR, append_csv, context_header, machine_context, markdown_table  # noqa: E402
+
+from clove_dist.data.synthetic import COLOURS  # noqa: E402
 
 MODELS = (("base (alpha 0)", "0"), ("CLoVe (alpha 0.6)", "0.6"), ("fine-tuned (alpha 1)", "1"))
 # Both sets have these (the seen set has no add_obj: see synthetic.write_sugarcrepe); "average" is their mean.
@@ -57,30 +63,39 @@ def first_colour(scene) -> str:
     return (a if scene.relation in ("to the left of", "above") else b).colour
 
 
-def direction_probe(model, preprocess, tokenizer, seed: int, image_size: int, num_train: int,
-                    num_test: int) -> dict[str, float]:
-    """Test accuracy (%) of a linear probe on frozen image and text features for first_colour."""
+def probe_scenes(preprocess, tokenizer, seed: int, image_size: int, num_train: int, num_test: int) -> dict:
+    """{split: {"image": preprocessed images, "text": tokens, "labels": first_colour indices}} of two-object
+    scenes of the fine-tuning vocabulary, none with a held-out composition."""
     import torch
     from clove_dist.data import synthetic as S
-    colours = list(S.COLOURS)
+    colours = list(COLOURS)
     data = {}
     for split, count in (("train", num_train), ("test", num_test)):
         rng = random.Random(f"demo-probe/{seed}/{split}")
         scenes = [S.sample_scene(rng, 2, exclude_held_out=True) for _ in range(count)]
-        labels = torch.tensor([colours.index(first_colour(s)) for s in scenes])
-        image, text = [], []
-        with torch.no_grad():
-            for i in range(0, count, 256):  # a chunk at a time: a demo --config may name a 224 px model
-                chunk = scenes[i:i + 256]
-                image.append(model.encode_image(torch.stack([preprocess(S.render(s, image_size)) for s in chunk]),
-                                                normalize=True))
-                text.append(model.encode_text(tokenizer([S.caption(s) for s in chunk]), normalize=True))
-        data[split] = {"image": torch.cat(image), "text": torch.cat(text), "labels": labels}
+        data[split] = {"image": torch.stack([preprocess(S.render(s, image_size)) for s in scenes]),
+                       "text": tokenizer([S.caption(s) for s in scenes]),
+                       "labels": torch.tensor([colours.index(first_colour(s)) for s in scenes])}
+    return data
+
+
+def _encode(model, tower: str, inputs):
+    import torch
+    with torch.no_grad():  # a chunk at a time: a demo --config may name a 224 px model
+        encode = model.encode_image if tower == "image" else model.encode_text
+        return torch.cat([encode(inputs[i:i + 256], normalize=True) for i in range(0, len(inputs), 256)])
+
+
+def direction_probe(model, scenes: dict, seed: int) -> dict[str, float]:
+    """Test accuracy (%) of a linear probe on frozen image and text features for first_colour."""
+    import torch
+    data = {split: {tower: _encode(model, tower, d[tower]) for tower in ("image", "text")} | {"labels": d["labels"]}
+            for split, d in scenes.items()}
     out = {}
     for tower in ("image", "text"):
         torch.manual_seed(seed)
         x, y = data["train"][tower], data["train"]["labels"]
-        head = torch.nn.Linear(x.shape[1], len(colours))
+        head = torch.nn.Linear(x.shape[1], len(COLOURS))
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
         for _ in range(500):  # full batch; the unit-norm features are scaled so the probe needs no large weights
             loss = torch.nn.functional.cross_entropy(head(10 * x), y)
@@ -89,6 +104,34 @@ def direction_probe(model, preprocess, tokenizer, seed: int, image_size: int, nu
             opt.step()
         with torch.no_grad():
             hit = head(10 * data["test"][tower]).argmax(-1) == data["test"]["labels"]
+        out[tower] = 100 * hit.float().mean().item()
+    return out
+
+
+def direction_learned(model, scenes: dict, seed: int, steps: int) -> dict[str, float]:
+    """Test accuracy (%) for first_colour of each tower of `model` trained, whole, with a linear head, for `steps`
+    steps; `model` is left as it was (each tower trains on a copy)."""
+    import copy
+    import torch
+    out = {}
+    for tower in ("image", "text"):
+        torch.manual_seed(seed)
+        trained = copy.deepcopy(model)
+        encode = trained.encode_image if tower == "image" else trained.encode_text
+        params = [p for n, p in trained.named_parameters() if n.startswith("visual.") == (tower == "image")]
+        head = torch.nn.Linear(trained.text_projection.shape[1], len(COLOURS))
+        opt = torch.optim.AdamW(params + list(head.parameters()), lr=1e-3)
+        x, y = scenes["train"][tower], scenes["train"]["labels"]
+        trained.train()
+        for _ in range(steps):
+            batch = torch.randint(0, len(y), (64,))
+            loss = torch.nn.functional.cross_entropy(head(10 * encode(x[batch], normalize=True)), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        trained.eval()
+        with torch.no_grad():
+            hit = head(10 * _encode(trained, tower, scenes["test"][tower])).argmax(-1) == scenes["test"]["labels"]
         out[tower] = 100 * hit.float().mean().item()
     return out
 
@@ -127,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo-out", required=True, help="a finished `clove-dist demo --out` directory")
     ap.add_argument("--probe-train", type=int, default=3000, help="scenes the direction probe trains on")
     ap.add_argument("--probe-test", type=int, default=1000, help="scenes it is tested on")
+    ap.add_argument("--learn-steps", type=int, default=100,
+                    help="steps each base tower trains on the direction label (measurement 4)")
     ap.add_argument("--name", default="demo_probe", help="results/<name>.{csv,md}")
     args = ap.parse_args(argv)
 
@@ -153,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  training_captions(demo / "world"), held_out=False))
         except ValueError as e:  # training covers the seen compositions' captions: measure the rest without it
             print(f"bench_demo_probe: {e}; the seen-composition set is left out", file=sys.stderr)
+        scenes = None
         for label, alpha in MODELS:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=str(demo / f"patched_alpha{alpha}.safetensors"))
@@ -166,8 +212,13 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{set_name} {subset}"] = round(100 * result[subset], 1)
                 row[f"{set_name} average"] = round(100 * sum(result[s] for s in TWO_OBJECT_SUBSETS)
                                                    / len(TWO_OBJECT_SUBSETS), 1)
-            probe = direction_probe(model, preprocess, tokenizer, seed, size, args.probe_train, args.probe_test)
+            if scenes is None:
+                scenes = probe_scenes(preprocess, tokenizer, seed, size, args.probe_train, args.probe_test)
+            probe = direction_probe(model, scenes, seed)
             row.update({f"direction probe {tower}": round(acc, 1) for tower, acc in probe.items()})
+            if alpha == "0":
+                learned = direction_learned(model, scenes, seed, args.learn_steps)
+                row.update({f"direction learned {tower}": round(acc, 1) for tower, acc in learned.items()})
             for subset, cos in text_cosines(model, tokenizer, sets["held-out"]).items():
                 row[f"text cos {subset}"] = round(cos, 3)
             rows.append({**ctx, "demo_out": str(demo), "model_name": name, "seed": seed, **row})
@@ -192,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
           f"knows the two colours, not where; {args.probe_train} training and {args.probe_test} test scenes), and "
           "mean cosine between the text embeddings of a caption and its negative:", "",
           markdown_table(rows, ["model", "direction probe image", "direction probe text"]
-                         + [f"text cos {s}" for s in TWO_OBJECT_SUBSETS])]
+                         + [f"text cos {s}" for s in TWO_OBJECT_SUBSETS]), "",
+          f"Can the base towers learn it: each trained whole, with a linear head, on the same label for "
+          f"{args.learn_steps} steps of 64 scenes (AdamW, lr 1e-3), tested on the same test scenes:", "",
+          markdown_table(rows[:1], ["model", "direction learned image", "direction learned text"])]
     (RESULTS_DIR / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {RESULTS_DIR / (args.name + '.md')}")
     return 0
