@@ -12,7 +12,9 @@
               does not) trained from scratch on the alt-text shards without negatives: it stands in for the
               pre-trained OpenAI weights, which no one can download here
 3. negatives  `clove-dist negatives` on the fine-tuning shards: captions parsed once, parses and the corpus
-              vocabulary written next to the shards (REPLACE then only picks words the captions use)
+              vocabulary written next to the shards (REPLACE then only picks words the captions use, and no
+              negative pairs a colour or size with a shape no caption pairs it with: a held-out pair is never a
+              negative text)
 4. clove      fine-tuning from the base weights on the synthetic captions with hard negatives, REPLACE and
               NegCLIP-style swaps (the same trainer as `clove-dist train`), one pass over the fine-tuning images
               by default (--num-train = --clove-steps x --batch-size)
