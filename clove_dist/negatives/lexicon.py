@@ -40,7 +40,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import UserError
 from .caption_words import (ADJECTIVE_CLASSES, ADJECTIVE_OPPOSITES, CATEGORY_ANCHORS, GENERIC_NOUNS, INTRANSITIVE_OK,
@@ -225,7 +225,7 @@ def make_table(weights: dict[str, int]) -> Table | None:
     return Table(tuple(w.replace("_", " ") for w in words), tuple(cum), acc, min(PER_ELEMENT, len(words)))
 
 
-def keep_words(table: Table, keep: Any) -> Table | None:
+def keep_words(table: Table, keep: Callable[[str], bool]) -> Table | None:
     """The candidates of `table` for which keep(word) holds, with their weights; None when none is left."""
     return make_table({w.replace(" ", "_"): c - p for w, c, p in zip(table.words, table.cum, (0,) + table.cum)
                        if keep(w)})
